@@ -1,0 +1,228 @@
+"""Configuration: one `@dataclass` per stage, YAML files, `key=value` overrides.
+
+OmegaConf structured configs give us type checks and, above all, an error for a key
+that does not exist (a typo in a YAML file must never be silently ignored on a
+cluster job). `load_config` turns OmegaConf's errors into one-line `LdmError`s that
+list the keys that do exist.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from ldm.errors import LdmError
+
+# ---------------------------------------------------------------- shared parts
+
+
+@dataclass
+class ShapesConfig:
+    """The embedded synthetic data set (see `ldm.data.shapes`)."""
+
+    num_images: int = 4096
+    seed: int = 0
+    # (colour, kind) pairs never drawn, written "green triangle".
+    exclude: List[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # "shapes" | "folder"
+    path: Optional[str] = None  # the image folder when source is "folder"
+    resolution: int = 32
+    center_crop: bool = True  # False: random crop
+    random_flip: bool = False
+    num_workers: int = 0
+    num_validation: int = 64  # images held out of training for validation
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    batch_size: int = 32  # per process
+    max_steps: int = 1000  # optimizer steps
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "constant"  # any name `diffusers.optimization.get_scheduler` knows
+    lr_warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    checkpoint_every: int = 500
+    checkpoints_total_limit: Optional[int] = 3
+    log_every: int = 25
+    # Stop after this many minutes even if max_steps is not reached (None: no limit).
+    # The run still saves its final model, so a time budget never loses work.
+    max_minutes: Optional[float] = None
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+@dataclass
+class VAEModelConfig:
+    """`diffusers.AutoencoderKL` arguments; the factor is 2 ** (len(block_out_channels) - 1)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: List[int] = field(default_factory=lambda: [64, 128, 128])
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+
+
+@dataclass
+class VAELossConfig:
+    reconstruction: str = "l1"  # "l1" | "l2"
+    kl_weight: float = 1e-6
+
+
+@dataclass
+class VAEStageConfig:
+    model: VAEModelConfig = field(default_factory=VAEModelConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/vae", learning_rate=1e-3))
+    # Images over which the latent scaling factor (1 / std of latents) is measured.
+    scale_samples: int = 1024
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+@dataclass
+class TextEncoderConfig:
+    kind: str = "open_clip"  # "open_clip" | "hf_clip"
+    # open_clip: a named model config ("ViT-H-14", ...) or None for the small custom tower below.
+    model_name: Optional[str] = None
+    width: int = 64
+    heads: int = 4
+    layers: int = 2
+    context_length: int = 77
+    quick_gelu: bool = False
+    # A local open_clip checkpoint (.safetensors, or a weights-only torch file); None: random init.
+    weights: Optional[str] = None
+    # hf_clip: a local folder with text_encoder/ + tokenizer/ (or config.json + vocab files).
+    path: Optional[str] = None
+    layer: str = "last"  # hidden states fed to cross-attention: "last" | "penultimate"
+    trainable: bool = False
+    seed: int = 0  # initialisation seed of a randomly initialised tower
+
+
+@dataclass
+class UNetModelConfig:
+    """`diffusers.UNet2DConditionModel` arguments; sample_size follows from the data and VAE."""
+
+    block_out_channels: List[int] = field(default_factory=lambda: [64, 128])
+    down_block_types: List[str] = field(default_factory=lambda: ["CrossAttnDownBlock2D", "DownBlock2D"])
+    up_block_types: List[str] = field(default_factory=lambda: ["UpBlock2D", "CrossAttnUpBlock2D"])
+    layers_per_block: int = 2
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+    # None: the text encoder's width.
+    cross_attention_dim: Optional[int] = None
+    attention_backend: str = "sdpa"  # "sdpa" | "xformers"
+
+
+@dataclass
+class ObjectiveConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "epsilon"
+    # Fraction of captions replaced by "" so the model also learns p(x) for CFG.
+    caption_dropout: float = 0.1
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.999
+    # Warm-up (decay grows as 1 - (1 + step / inv_gamma) ** -power), as diffusers' EMAModel.
+    use_warmup: bool = True
+    inv_gamma: float = 1.0
+    power: float = 0.75
+
+
+@dataclass
+class ValidationConfig:
+    prompts: List[str] = field(default_factory=list)
+    every: int = 500
+    num_inference_steps: int = 25
+    guidance_scale: float = 5.0
+    seed: int = 0
+
+
+@dataclass
+class UNetStageConfig:
+    vae_path: str = "runs/vae/final"
+    model: UNetModelConfig = field(default_factory=UNetModelConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/unet", learning_rate=2e-4))
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _keys_at(schema, dotted: str) -> List[str]:
+    """The keys that exist under `dotted` (the parent of an unknown key) in `schema`."""
+    node = OmegaConf.structured(schema)
+    for part in [p for p in dotted.split(".") if p]:
+        if not OmegaConf.is_config(node) or part not in node:
+            break
+        node = node[part]
+    return sorted(node.keys()) if OmegaConf.is_dict(node) else []
+
+
+def _parent(full_key: str) -> str:
+    return full_key.rsplit(".", 1)[0] if "." in full_key else ""
+
+
+def _merge(schema, parts):
+    merged = OmegaConf.structured(schema)
+    for origin, part in parts:
+        try:
+            merged = OmegaConf.merge(merged, part)
+        except ConfigKeyError as e:
+            key = e.full_key or e.key or "?"
+            keys = ", ".join(_keys_at(schema, _parent(str(key))))
+            where = f" under '{_parent(str(key))}'" if _parent(str(key)) else ""
+            raise LdmError(f"unknown config key '{key}' in {origin}; keys{where} are: {keys}") from None
+        except OmegaConfBaseException as e:
+            msg = str(e).splitlines()[0]
+            raise LdmError(f"bad config value in {origin}: {msg} (key '{e.full_key}')") from None
+    return merged
+
+
+def load_config(schema, path: Optional[str] = None, overrides: Optional[List[str]] = None):
+    """Build a `schema` dataclass from defaults, a YAML file and `key=value` overrides."""
+    parts = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise LdmError(f"config file not found: {path} (pass an existing YAML file to --config)")
+        parts.append((path, OmegaConf.load(path)))
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise LdmError(f"override '{bad[0]}' is not of the form key=value (example: train.max_steps=100)")
+    if overrides:
+        parts.append(("the command line", OmegaConf.from_dotlist(list(overrides))))
+    return OmegaConf.to_object(_merge(schema, parts))
+
+
+def save_config(config, path) -> None:
+    """Write the resolved config, so a run folder says exactly what produced it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(config), path)
