@@ -142,3 +142,31 @@ def tokenize(tokenizer, prompts, device=None) -> torch.Tensor:
 def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
     """Hidden states (batch, tokens, width) for cross-attention, from either kind."""
     return text_encoder(input_ids)[0]
+
+
+def _hf_part(path: Path, part: str) -> str:
+    # A Stable Diffusion folder holds text_encoder/ and tokenizer/; a bare CLIP folder holds both.
+    return str(path / part) if (path / part).is_dir() else str(path)
+
+
+def build_text_encoder(cfg, tokenizer_dir):
+    """(tokenizer, text_encoder) from a `TextEncoderConfig`.
+
+    open_clip: the tower from `cfg`, and a CLIPTokenizer written into `tokenizer_dir`.
+    hf_clip: `transformers.CLIPTokenizer` and `CLIPTextModel` from the local `cfg.path`.
+    """
+    if cfg.kind == "open_clip":
+        from ldm.tokenizer import open_clip_tokenizer
+
+        model = build_open_clip_text_model(cfg)
+        return open_clip_tokenizer(tokenizer_dir, model.config.context_length), model
+    if cfg.kind == "hf_clip":
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if not cfg.path or not Path(cfg.path).is_dir():
+            raise LdmError(f"text_encoder.path must be a local CLIP folder for kind=hf_clip, got {cfg.path!r}")
+        if cfg.layer != "last":
+            raise LdmError("text_encoder.layer=penultimate is only supported for open_clip towers; use layer=last")
+        path = Path(cfg.path)
+        return CLIPTokenizer.from_pretrained(_hf_part(path, "tokenizer")), CLIPTextModel.from_pretrained(_hf_part(path, "text_encoder"))
+    raise LdmError(f"text_encoder.kind must be 'open_clip' or 'hf_clip', got '{cfg.kind}'")
