@@ -1,0 +1,187 @@
+"""`LatentDiffusionPipeline`: text in, images out.
+
+A `diffusers.DiffusionPipeline`, so saving, loading, `.to(device)`, CPU offload and
+progress bars come from diffusers, and a model folder is in the diffusers layout that
+the ecosystem reads. `__call__` mirrors `diffusers.StableDiffusionPipeline.__call__`
+(same names, defaults and meaning) and gives the same images from the same components;
+it also loads a plain Stable Diffusion folder as it is. The loop itself lives in
+`ldm.sampling.sample_cfg`.
+"""
+
+import json
+from pathlib import Path
+from typing import Callable, List, Optional, Union
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+from ldm.autoencoder import vae_scale_factor
+from ldm.errors import LdmError
+from ldm.sampling import sample_cfg
+from ldm.text_encoder import encode_text, tokenize
+
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def check_model_folder(path, given=()) -> None:
+    """Fail with one line naming the missing part before diffusers fails deep inside loading.
+
+    `given`: components passed to `from_pretrained` as objects, which need no folder.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise LdmError(f"no model folder at {path}: pass a local folder saved by save_pretrained (nothing is downloaded)")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise LdmError(f"{path} has no model_index.json: is it a model folder saved by save_pretrained?")
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LdmError(f"{index_file} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    for name in COMPONENTS:
+        if name in given:
+            continue
+        entry = index.get(name)
+        if not entry or entry[0] is None:
+            raise LdmError(f"{index_file} lists no '{name}': the model folder is incomplete")
+        if not (path / name).is_dir():
+            raise LdmError(f"the model folder {path} is missing its '{name}' part ({path / name}/ not found)")
+
+
+def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Undo the latent scaling the U-Net was trained with, as read from the VAE's config.
+
+    Per-channel `latents_mean`/`latents_std` when set (SDXL-style), else divide by
+    `scaling_factor` and add `shift_factor` when set (SD3-style).
+    """
+    cfg = vae.config
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
+        return latents * std / cfg.scaling_factor + mean
+    latents = latents / cfg.scaling_factor
+    shift = getattr(cfg, "shift_factor", None)
+    return latents + shift if shift is not None else latents
+
+
+class LatentDiffusionPipeline(DiffusionPipeline):
+    """VAE + text encoder (open_clip tower or transformers CLIP) + U-Net + any diffusers scheduler."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = vae_scale_factor(vae)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a local model folder (ours or a plain Stable Diffusion one); never a download."""
+        check_model_folder(pretrained_model_name_or_path, given=[k for k in COMPONENTS if k in kwargs])
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @property
+    def default_size(self) -> tuple:
+        """(height, width) in pixels that the U-Net was built for."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    def encode_prompt(self, prompts: List[str], device, num_images_per_prompt: int = 1) -> torch.Tensor:
+        """Per-token text embeddings, each prompt repeated for its images (prompt-major order)."""
+        embeds = encode_text(self.text_encoder, tokenize(self.tokenizer, prompts, device))
+        embeds = embeds.to(dtype=self.text_encoder.dtype, device=device)
+        return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+    def check_inputs(self, prompts, negatives, height, width, num_inference_steps, num_images_per_prompt,
+                     output_type, latents, latent_shape, generator) -> None:
+        """Reject bad arguments with one line each, before any work is done."""
+        f = self.vae_scale_factor
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise LdmError("prompt must be a string or a non-empty list of strings")
+        if negatives is not None and len(negatives) != len(prompts):
+            raise LdmError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt, or one string")
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise LdmError(f"height and width must be positive multiples of {f} (the VAE's scale factor), got {height}x{width}")
+        if num_inference_steps < 1 or num_images_per_prompt < 1:
+            raise LdmError("num_inference_steps and num_images_per_prompt must be at least 1")
+        if output_type not in OUTPUT_TYPES:
+            raise LdmError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if latents is not None and tuple(latents.shape) != latent_shape:
+            raise LdmError(f"latents have shape {tuple(latents.shape)}, expected {latent_shape} for these prompts and size")
+        if isinstance(generator, list) and len(generator) != latent_shape[0]:
+            raise LdmError(f"got {len(generator)} generators for {latent_shape[0]} images: give one per image, or one")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, List[str]],
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: Optional[Union[str, List[str]]] = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guidance_rescale: float = 0.0,
+        callback_on_step_end: Optional[Callable] = None,
+        max_batch_size: Optional[int] = None,
+    ):
+        """Generate images for `prompt`; arguments as in `diffusers.StableDiffusionPipeline.__call__`.
+
+        `callback_on_step_end(pipe, step, timestep, {"latents": ...})` may return a dict
+        with new "latents". `max_batch_size` caps the batch of each U-Net call (the CFG
+        batch is twice the number of images). Progress bars: `set_progress_bar_config`.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        default_h, default_w = self.default_size
+        height, width = height or default_h, width or default_w
+        f = self.vae_scale_factor
+        shape = (len(prompts) * num_images_per_prompt, self.unet.config.in_channels, height // f, width // f)
+        self.check_inputs(prompts, negatives, height, width, num_inference_steps, num_images_per_prompt,
+                          output_type, latents, shape, generator)
+        device = self._execution_device
+
+        # Text: the unconditional embeddings (negative prompt, or "") only when guidance is on.
+        prompt_embeds = self.encode_prompt(prompts, device, num_images_per_prompt)
+        negative_embeds = None
+        if guidance_scale > 1.0:
+            negative_embeds = self.encode_prompt(negatives or [""] * len(prompts), device, num_images_per_prompt)
+
+        # Noise, drawn as diffusers draws it, unless given.
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        latents = sample_cfg(
+            self.unet, self.scheduler, latents.to(device), prompt_embeds, negative_embeds,
+            guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, eta=eta,
+            generator=generator, guidance_rescale=guidance_rescale, progress=self.progress_bar,
+            max_batch_size=max_batch_size, callback=self._step_callback(callback_on_step_end),
+        )
+
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.vae.decode(unscale_latents(self.vae, latents), return_dict=False)[0]
+            images = self.image_processor.postprocess(images, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _step_callback(self, callback_on_step_end):
+        """Adapt diffusers' `callback_on_step_end(pipe, step, t, kwargs) -> dict` to the loop's callback."""
+        if callback_on_step_end is None:
+            return None
+
+        def callback(step, t, latents):
+            out = callback_on_step_end(self, step, t, {"latents": latents})
+            return (out or {}).get("latents")
+
+        return callback
