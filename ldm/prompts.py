@@ -1,0 +1,99 @@
+"""Prompt files for `ldm-sample`: `.txt` (one prompt a line) or `.jsonl` (one object a line).
+
+Every record keeps its 1-based line number: outputs are named from it, and every error
+names it. The whole file is read and checked before any image is made, so a typo on
+line 900 does not surface after an hour of sampling.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from ldm.errors import LdmError
+
+# Per-line fields a .jsonl record may set: the types they may have, and those in words.
+FIELDS = {
+    "prompt": ((str,), "a string"),
+    "negative_prompt": ((str,), "a string"),
+    "seed": ((int,), "an integer"),
+    "guidance_scale": ((int, float), "a number"),
+    "num_inference_steps": ((int,), "an integer"),
+}
+
+
+@dataclass
+class PromptRecord:
+    line: int  # 1-based line number in the prompt file
+    prompt: str
+    negative_prompt: Optional[str] = None
+    seed: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    num_inference_steps: Optional[int] = None
+
+
+def _lines(path: Path):
+    """(line number, text) of every line.
+
+    'utf-8-sig' drops a BOM; reading in text mode turns CRLF (and CR) into LF. Splitting on
+    LF only (not str.splitlines, which also splits on form feeds and U+2028) keeps line
+    numbers as editors count them.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LdmError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    return enumerate(text.split("\n"), start=1)
+
+
+def _txt_records(path: Path) -> List[PromptRecord]:
+    records = []
+    for number, line in _lines(path):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            records.append(PromptRecord(line=number, prompt=line))
+    return records
+
+
+def _check_field(path, number, key, value) -> None:
+    if key not in FIELDS:
+        raise LdmError(f"{path}, line {number}: unknown key '{key}' (allowed: {', '.join(FIELDS)})")
+    # bool is an int in Python; a JSON true is never a seed or a step count.
+    types, words = FIELDS[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise LdmError(f"{path}, line {number}: '{key}' must be {words}, got {json.dumps(value, ensure_ascii=False)}")
+
+
+def _jsonl_records(path: Path) -> List[PromptRecord]:
+    records = []
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LdmError(f"{path}, line {number}: malformed JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise LdmError(f"{path}, line {number}: expected a JSON object like {{\"prompt\": \"a red circle\"}}")
+        for key, value in obj.items():
+            _check_field(path, number, key, value)
+        if not obj.get("prompt", "").strip():
+            raise LdmError(f"{path}, line {number}: missing or empty \"prompt\"")
+        if obj.get("num_inference_steps", 1) < 1:
+            raise LdmError(f"{path}, line {number}: num_inference_steps must be at least 1")
+        records.append(PromptRecord(line=number, **obj))
+    return records
+
+
+def read_prompts(path) -> List[PromptRecord]:
+    """All prompt records of a .txt or .jsonl file, checked; an `LdmError` names any bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LdmError(f"prompt file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl"):
+        raise LdmError(f"{path}: unknown prompt file type '{suffix}' (use .txt, one prompt a line, or .jsonl)")
+    records = _txt_records(path) if suffix == ".txt" else _jsonl_records(path)
+    if not records:
+        raise LdmError(f"no prompts in {path} (blank lines and # comments are skipped)")
+    return records
