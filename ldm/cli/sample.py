@@ -1,0 +1,215 @@
+"""ldm-sample: an image for every prompt of a file, resumable.
+
+    ldm-sample --model runs/unet/final --prompts prompts.txt --outdir out/
+
+Each image depends only on its prompt line and its seed (default: --seed + line number):
+its initial noise and any sampler noise come from its own generator, so batch size and
+the other lines of the file never change it. Images are named from the line number and
+seed, written atomically, and recorded in manifest.jsonl as each one is done; a re-run
+skips what is already there.
+"""
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from ldm.cli.common import run_main
+from ldm.errors import LdmError
+from ldm.prompts import PromptRecord, read_prompts
+
+MANIFEST = "manifest.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ldm-sample",
+        description="Generate images for every prompt of a .txt or .jsonl file with a saved model folder.",
+    )
+    p.add_argument("--model", required=True, help="model folder saved by the trainer (model_index.json, unet/, vae/, ...)")
+    p.add_argument("--prompts", required=True, help=".txt (one prompt a line, # comments) or .jsonl ({\"prompt\": ..., \"seed\"?, ...})")
+    p.add_argument("--outdir", required=True, help="folder for the images and manifest.jsonl")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale; 1 turns it off (default: 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="a line's seed is this plus its line number, unless the .jsonl line sets one (default: 0)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per U-Net batch (default: 4)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for lines that set none (default: none)")
+    p.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt line (default: 1)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic DDIM (default: 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    return p
+
+
+@dataclass
+class Job:
+    """One image to make."""
+
+    record: PromptRecord
+    index: int  # image index within its line
+    seed: int
+    steps: int
+    guidance_scale: float
+    negative_prompt: Optional[str]
+    file: str
+
+
+def plan(records: List[PromptRecord], args) -> List[Job]:
+    """Every image the file asks for, with the settings of its line (a .jsonl line overrides flags)."""
+    jobs = []
+    for r in records:
+        seed = r.seed if r.seed is not None else args.seed + r.line
+        if seed < 0:
+            raise LdmError(f"line {r.line}: seed {seed} is negative; seeds must be >= 0")
+        for k in range(args.num_images_per_prompt):
+            suffix = f"-{k:02d}" if args.num_images_per_prompt > 1 else ""
+            jobs.append(Job(
+                record=r, index=k, seed=seed,
+                steps=r.num_inference_steps or args.steps,
+                guidance_scale=r.guidance_scale if r.guidance_scale is not None else args.guidance_scale,
+                negative_prompt=r.negative_prompt if r.negative_prompt is not None else args.negative_prompt,
+                file=f"{r.line:05d}-s{seed:010d}{suffix}.png",
+            ))
+    return jobs
+
+
+def check_args(args) -> None:
+    for name in ("steps", "batch_size", "num_images_per_prompt"):
+        if getattr(args, name) < 1:
+            raise LdmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
+        raise LdmError(f"--outdir {args.outdir} exists and is not a folder")
+
+
+def pick_device(name: str):
+    import torch
+
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise LdmError(f"--device {name} but no CUDA GPU is available; use --device cpu")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def read_manifest(outdir: Path) -> set:
+    """Files the manifest records; a torn last line (a crash mid-write) is ignored."""
+    recorded = set()
+    manifest = outdir / MANIFEST
+    if manifest.is_file():
+        for line in manifest.read_text(encoding="utf-8").splitlines():
+            try:
+                recorded.add(json.loads(line)["file"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return recorded
+
+
+def initial_noise(job: Job, shape):
+    """(latents, generator) of one image: draw `index + 1` noise tensors from the line's seed, keep the last.
+
+    Image 0 of a line is thus `pipe(prompt, generator=torch.Generator().manual_seed(seed))`
+    at batch size 1, and the generator goes on to feed that image's sampler noise. CPU
+    generators give the same noise on every device.
+    """
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(job.seed)
+    for _ in range(job.index + 1):
+        latents = torch.randn((1, *shape), generator=generator)
+    return latents, generator
+
+
+def batches(jobs: List[Job], batch_size: int):
+    """Consecutive jobs that can share a pipeline call (same steps and guidance), at most batch_size each."""
+    batch = []
+    for job in jobs:
+        if batch and (len(batch) == batch_size or (job.steps, job.guidance_scale) != (batch[0].steps, batch[0].guidance_scale)):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch
+
+
+def save_png(image, path: Path) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a truncated PNG."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def append_manifest(outdir: Path, job: Job) -> None:
+    record = dict(
+        file=job.file, line=job.record.line, prompt=job.record.prompt, negative_prompt=job.negative_prompt,
+        seed=job.seed, steps=job.steps, guidance_scale=job.guidance_scale,
+    )
+    with open(outdir / MANIFEST, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    jobs = plan(read_prompts(args.prompts), args)  # every line checked before any work
+    outdir = Path(args.outdir)
+    # Done: recorded and on disk. A file without a record (a crash between the two) is redone.
+    recorded = read_manifest(outdir)
+    todo = [j for j in jobs if j.file not in recorded or not (outdir / j.file).is_file()]
+    print(f"{len(jobs)} images for {args.prompts}: {len(jobs) - len(todo)} already in {outdir}, {len(todo)} to make")
+    if not todo:
+        return 0
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder; never reach for the hub
+    import diffusers
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    # One progress bar (ours, over images); not diffusers' and transformers' loading bars.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+    device = pick_device(args.device)
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    height, width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
+    f = pipe.vae_scale_factor
+    if height % f or width % f:
+        raise LdmError(f"--height and --width must be multiples of {f} (the VAE's scale factor), got {height}x{width}")
+    shape = (pipe.unet.config.in_channels, height // f, width // f)
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    with tqdm(total=len(todo), unit="img", desc="ldm-sample") as bar:
+        for batch in batches(todo, args.batch_size):
+            noise = [initial_noise(job, shape) for job in batch]
+            images = pipe(
+                [j.record.prompt for j in batch],
+                negative_prompt=[j.negative_prompt or "" for j in batch],
+                height=height, width=width,
+                num_inference_steps=batch[0].steps, guidance_scale=batch[0].guidance_scale, eta=args.eta,
+                latents=torch.cat([latents for latents, _ in noise]),
+                generator=[generator for _, generator in noise],
+            ).images
+            for job, image in zip(batch, images):
+                save_png(image, outdir / job.file)
+                if job.file not in recorded:
+                    append_manifest(outdir, job)
+                bar.update()
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
