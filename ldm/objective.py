@@ -1,0 +1,94 @@
+"""The stage-2 training objective: noise the latents, pick the target, drop captions.
+
+Notation of Ho et al. (2020): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with
+abar_t the cumulative product of (1 - beta) up to step t. The noise schedule itself is
+diffusers' `DDPMScheduler`, so training and the samplers read the same betas.
+"""
+
+from typing import List, Optional, Sequence
+
+import torch
+from diffusers import DDPMScheduler
+
+from ldm.errors import LdmError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+
+
+def build_noise_scheduler(cfg) -> DDPMScheduler:
+    """The training noise schedule from an `ObjectiveConfig`; checks its names first."""
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise LdmError(f"objective.prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got '{cfg.prediction_type}'")
+    if cfg.beta_schedule not in BETA_SCHEDULES:
+        raise LdmError(f"objective.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got '{cfg.beta_schedule}'")
+    if not 0.0 <= cfg.caption_dropout <= 1.0:
+        raise LdmError(f"objective.caption_dropout is a probability, got {cfg.caption_dropout}")
+    if cfg.num_train_timesteps < 1:
+        raise LdmError(f"objective.num_train_timesteps must be at least 1, got {cfg.num_train_timesteps}")
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        prediction_type=cfg.prediction_type,
+        # Latents have unit variance, not the [-1, 1] range of pixels: never clip x_0 to it
+        # (DDPMScheduler clips by default, and samplers built from this config inherit it).
+        clip_sample=False,
+    )
+
+
+def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE posterior samples -> the unit-variance space the U-Net models.
+
+    z * scaling_factor, with the factor measured on the data and read from the VAE's
+    config (Rombach et al. 2022, sec. 4.3), never a literal. Per-channel
+    `latents_mean` / `latents_std` (SDXL-style) or `shift_factor` (SD3-style) are applied
+    when a VAE carries them. The exact inverse of `ldm.pipeline.unscale_latents`.
+    """
+    cfg = vae.config
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(z)
+        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(z)
+        return (z - mean) * cfg.scaling_factor / std
+    shift = getattr(cfg, "shift_factor", None)
+    return (z - shift if shift is not None else z) * cfg.scaling_factor
+
+
+def sample_timesteps(scheduler: DDPMScheduler, batch_size: int, device=None, generator=None) -> torch.Tensor:
+    """t ~ Uniform{0, ..., T-1}, one per example (Ho et al. 2020, Algorithm 1)."""
+    return torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device, generator=generator)
+
+
+def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps: the forward process q(x_t | x_0)."""
+    return scheduler.add_noise(x0, noise, t)
+
+
+def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the U-Net learns to output, by the scheduler's `prediction_type`.
+
+    epsilon: eps (Ho et al. 2020); v_prediction: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
+    (Salimans & Ho 2022, sec. 4); sample: x_0.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise LdmError(f"objective.prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got '{kind}'")
+
+
+def drop_captions(captions: Sequence[str], p: float, generator: Optional[torch.Generator] = None) -> List[str]:
+    """Replace each caption by "" with probability p.
+
+    The model then also learns the unconditional p(x), which classifier-free guidance
+    needs at sampling time (Ho & Salimans 2022); "" is what the sampler feeds as the
+    unconditional prompt.
+    """
+    if p <= 0:
+        return list(captions)
+    keep = torch.rand(len(captions), generator=generator) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
