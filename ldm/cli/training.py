@@ -1,0 +1,39 @@
+"""What the two training commands share: arguments and the config they resolve to."""
+
+import argparse
+
+from ldm.config import load_config
+
+OVERRIDES_HELP = """\
+overrides:
+  key=value pairs on the config's dotted keys, applied after --config; an unknown key
+  is an error that lists the keys that exist. Examples:
+    train.max_steps=2000 train.batch_size=64 train.output_dir=runs/mine
+    train.mixed_precision=bf16 train.max_minutes=30 data.resolution=32
+    {examples}
+  Lists and nulls are YAML: model.block_out_channels=[32,64,64] train.checkpoints_total_limit=null
+
+resume:
+  --resume auto continues from the newest complete checkpoint in
+  TRAIN.OUTPUT_DIR/checkpoints/ (or starts fresh if there is none); --resume PATH from that one.
+  Multi-GPU / multi-node: accelerate launch {script} --config ...
+"""
+
+
+def parse_train_args(prog: str, description: str, default_config: str, examples: str, argv=None):
+    """(args, overrides) for a training command; argv None reads sys.argv."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=OVERRIDES_HELP.format(examples=examples, script=prog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="YAML", help=f"a stage config file, e.g. {default_config} (default: built-in defaults)")
+    parser.add_argument("--resume", metavar="auto|PATH", help="continue a run from a checkpoint (see below)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
+    return parser.parse_intermixed_args(argv)
+
+
+def resolve_config(schema, args):
+    """The stage config from defaults, --config and the overrides."""
+    return load_config(schema, args.config, args.overrides)

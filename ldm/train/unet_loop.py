@@ -1,0 +1,221 @@
+"""Stage 2: train the text-conditioned U-Net on the latents of the frozen stage-1 VAE.
+
+Reads top to bottom: check the config, load the VAE, build text encoder, U-Net, EMA and
+data, resume, the loop (Rombach et al. 2022, eq. 2: || eps - eps_theta(z_t, t, tau(y)) ||^2
+with z = scaling_factor * E(x)), then the final model folder, sampled with DDIM.
+"""
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from diffusers import DDIMScheduler
+from torchvision.utils import save_image
+
+from ldm.autoencoder import load_vae, vae_scale_factor
+from ldm.config import save_config
+from ldm.data import build_dataset
+from ldm.errors import LdmError
+from ldm.objective import add_noise, build_noise_scheduler, drop_captions, sample_timesteps, scale_latents, training_target
+from ldm.text_encoder import build_text_encoder, encode_text, hidden_size, tokenize
+from ldm.train.checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from ldm.train.ema import build_ema, ema_weights
+from ldm.train.loader import batches_from, train_loader
+from ldm.train.optim import build_lr_scheduler, build_optimizer
+from ldm.train.run import (
+    Reporter, Run, TimeBudget, check_train_config, make_accelerator, replace_folder, rng_untouched, staging_folder,
+)
+from ldm.unet import build_unet
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def train_unet(cfg, resume: Optional[str] = None) -> Path:
+    """Train stage 2 from a `UNetStageConfig`; returns the final model folder (run/final).
+
+    `resume`: None (start fresh), "auto" (the newest complete checkpoint, if any) or a
+    checkpoint folder.
+    """
+    # ---- 1. Check what can be checked before anything slow.
+    check_train_config(cfg.train)
+    noise_scheduler = build_noise_scheduler(cfg.objective)
+    vae = load_vae(cfg.vae_path)  # refuses a VAE without a measured scaling_factor
+    factor = vae_scale_factor(vae)
+    if cfg.data.resolution % factor:
+        raise LdmError(
+            f"data.resolution={cfg.data.resolution} is not divisible by the VAE's downsampling factor {factor} "
+            f"({cfg.vae_path}): use a multiple of {factor}"
+        )
+    if cfg.validation.every < 1:
+        raise LdmError(f"validation.every must be at least 1, got {cfg.validation.every}")
+    latent_size = cfg.data.resolution // factor
+    unet_factor = 2 ** (len(cfg.model.block_out_channels) - 1)
+    if latent_size % unet_factor:
+        raise LdmError(
+            f"latents are {latent_size}x{latent_size} but the U-Net halves them {len(cfg.model.block_out_channels) - 1} "
+            f"times: data.resolution must be a multiple of {factor * unet_factor}, or use fewer model.block_out_channels"
+        )
+    run = Run(cfg.train.output_dir)
+    checkpoint = find_checkpoint(run.checkpoints, resume)
+    train_set = build_dataset(cfg.data, "train")
+    accelerator = make_accelerator(cfg.train, run)
+    loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator.num_processes)
+
+    # ---- 2. Models. The VAE (and by default the text encoder) are frozen; only the U-Net trains.
+    set_seed(cfg.train.seed)
+    with accelerator.main_process_first():  # the main process writes the tokenizer files first
+        tokenizer, text_encoder = build_text_encoder(cfg.text_encoder, run.dir / "tokenizer")
+    unet = build_unet(cfg.model, latent_size, vae.config.latent_channels, hidden_size(text_encoder))
+    ema = build_ema(unet, cfg.ema)
+    train_text = cfg.text_encoder.trainable
+    vae.requires_grad_(False).eval()
+    text_encoder.requires_grad_(train_text).train(train_text)
+    unet.train()
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
+    optimizer = build_optimizer(params, cfg.train)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
+    weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]  # frozen models run in it; trained ones stay fp32
+    if train_text:
+        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, loader, lr_scheduler)
+    else:
+        unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+        place(text_encoder, accelerator.device, weight_dtype)
+    place(vae, accelerator.device, weight_dtype)
+    trained = (unet, text_encoder) if train_text else (unet,)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    # Weights were drawn alike on every process; the training noise must differ between them.
+    set_seed(cfg.train.seed, device_specific=True)
+    run.start(accelerator, cfg, "unet")
+    state = TrainState()
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint, len(loader))
+        if ema is not None:
+            ema.to(accelerator.device)  # accelerate loads registered objects onto the CPU
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    elif resume is not None:
+        accelerator.print(f"no checkpoint in {run.checkpoints} yet: starting afresh")
+    saved_step = state.step if checkpoint is not None else None
+
+    def pipeline():
+        """The model as a sampling pipeline (shares the training modules' weights)."""
+        from ldm.pipeline import LatentDiffusionPipeline
+
+        return LatentDiffusionPipeline(
+            vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
+            unet=accelerator.unwrap_model(unet), scheduler=sampling_scheduler(noise_scheduler),
+        )
+
+    def validate(step: int) -> None:
+        """A grid of the validation prompts, sampled with the EMA weights (main process)."""
+        if cfg.validation.prompts and accelerator.is_main_process:
+            net = accelerator.unwrap_model(unet)
+            # autocast: under mixed precision the frozen VAE and text encoder hold fp16/bf16 weights.
+            with ema_weights(ema, net), rng_untouched(accelerator.device), accelerator.autocast():
+                net.eval()
+                save_samples(pipeline(), cfg.validation, run.samples / f"step-{step:06d}.png")
+                net.train()
+        accelerator.wait_for_everyone()
+
+    # ---- 3. The loop: one optimizer step per `gradient_accumulation_steps` batches.
+    report = Reporter(accelerator, run, cfg.train.max_steps, state.step, unit="samples")
+    budget = TimeBudget(cfg.train.max_minutes)
+    data = batches_from(accelerator, loader, state.batches)
+    step, batches = state.step, state.batches
+    validated_step = None
+    try:
+        while step < cfg.train.max_steps:
+            batch = next(data)
+            batches += 1
+            with accelerator.accumulate(*trained):
+                with torch.no_grad():
+                    z0 = scale_latents(vae, vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample())
+                captions = drop_captions(batch["caption"], cfg.objective.caption_dropout)
+                with torch.set_grad_enabled(train_text):
+                    context = encode_text(text_encoder, tokenize(tokenizer, captions, accelerator.device))
+                noise = torch.randn_like(z0)
+                t = sample_timesteps(noise_scheduler, len(z0), z0.device)
+                z_t = add_noise(noise_scheduler, z0, noise, t)
+                target = training_target(noise_scheduler, z0, noise, t)
+                prediction = unet(z_t, t, context).sample
+                loss = F.mse_loss(prediction.float(), target.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            report.add(len(z0), loss=loss)
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
+            step += 1
+            state = TrainState(step, batches)  # a consistent point to checkpoint at
+            report.step()
+            if step % cfg.train.log_every == 0:
+                report.log(step, epoch=batches / len(loader), lr=lr_scheduler.get_last_lr()[0])
+            if step % cfg.train.checkpoint_every == 0:
+                with report.paused():
+                    save_checkpoint(accelerator, run.checkpoints, state, len(loader), cfg.train.checkpoints_total_limit)
+                    saved_step = step
+            if step % cfg.validation.every == 0:
+                with report.paused():
+                    validate(step)
+                    validated_step = step
+            if budget.spent(accelerator):
+                accelerator.print(f"train.max_minutes={cfg.train.max_minutes} spent: stopping at step {step}")
+                break
+    except KeyboardInterrupt:
+        if state.step != saved_step:
+            path = save_checkpoint(accelerator, run.checkpoints, state, len(loader), cfg.train.checkpoints_total_limit)
+            accelerator.print(f"\ninterrupted: saved {path}; continue with --resume auto")
+        report.close()
+        raise
+    if state.step != saved_step:
+        save_checkpoint(accelerator, run.checkpoints, state, len(loader), cfg.train.checkpoints_total_limit)
+    if state.step != validated_step:
+        validate(state.step)
+    report.close()
+
+    # ---- 4. The final model folder: the pipeline with the EMA weights, in float32.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        place(vae, accelerator.device, torch.float32)
+        place(accelerator.unwrap_model(text_encoder), accelerator.device, torch.float32)
+        tmp = staging_folder(run.final)
+        with ema_weights(ema, accelerator.unwrap_model(unet)):
+            pipeline().save_pretrained(str(tmp))
+        save_config(cfg, tmp / "ldm_config.yaml")
+        replace_folder(tmp, run.final)
+        accelerator.print(f"final model in {run.final}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run.final
+
+
+def place(model, device, dtype) -> None:
+    """Move a model; cast only when the dtype changes (diffusers warns on every cast)."""
+    model.to(device)
+    if model.dtype != dtype:
+        model.to(dtype=dtype)
+
+
+def sampling_scheduler(noise_scheduler) -> DDIMScheduler:
+    """DDIM (Song et al. 2021) on the training schedule, with Stable Diffusion's step conventions."""
+    return DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False, steps_offset=1)
+
+
+@torch.no_grad()
+def save_samples(pipe, cfg, path: Path) -> None:
+    """Sample `cfg.prompts` (a `ValidationConfig`) into one grid image, one column per prompt."""
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        list(cfg.prompts), num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+        generator=torch.Generator().manual_seed(cfg.seed), output_type="np",
+    ).images
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.from_numpy(images).permute(0, 3, 1, 2), str(path), nrow=min(len(images), 8), padding=1)
