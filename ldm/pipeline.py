@@ -5,11 +5,10 @@ progress bars come from diffusers, and a model folder is in the diffusers layout
 the ecosystem reads. `__call__` mirrors `diffusers.StableDiffusionPipeline.__call__`
 (same names, defaults and meaning) and gives the same images from the same components;
 it also loads a plain Stable Diffusion folder as it is. The loop itself lives in
-`ldm.sampling.sample_cfg`.
+`ldm.sampling.sample_cfg`; the half-precision-safe VAE decode in `ldm.vae_decode`; the
+checks that a folder's parts exist and fit together in `ldm.model_parts`.
 """
 
-import json
-from pathlib import Path
 from typing import Callable, List, Optional, Union
 
 import torch
@@ -19,36 +18,12 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ldm.autoencoder import vae_scale_factor
 from ldm.errors import LdmError
+from ldm.model_parts import COMPONENTS, check_components, check_folder_parts_agree, check_model_folder  # noqa: F401
 from ldm.sampling import sample_cfg
 from ldm.text_encoder import encode_text, tokenize
+from ldm.vae_decode import decode_latents
 
-COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-def check_model_folder(path, given=()) -> None:
-    """Fail with one line naming the missing part before diffusers fails deep inside loading.
-
-    `given`: components passed to `from_pretrained` as objects, which need no folder.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise LdmError(f"no model folder at {path}: pass a local folder saved by save_pretrained (nothing is downloaded)")
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise LdmError(f"{path} has no model_index.json: is it a model folder saved by save_pretrained?")
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LdmError(f"{index_file} is not valid JSON ({e.msg}, line {e.lineno})") from None
-    for name in COMPONENTS:
-        if name in given:
-            continue
-        entry = index.get(name)
-        if not entry or entry[0] is None:
-            raise LdmError(f"{index_file} lists no '{name}': the model folder is incomplete")
-        if not (path / name).is_dir():
-            raise LdmError(f"the model folder {path} is missing its '{name}' part ({path / name}/ not found)")
 
 
 def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -74,6 +49,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
         super().__init__()
+        # Parts from different trainings fail here with both numbers, not in a matmul mid-sampling.
+        check_components(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -81,7 +58,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load a local model folder (ours or a plain Stable Diffusion one); never a download."""
-        check_model_folder(pretrained_model_name_or_path, given=[k for k in COMPONENTS if k in kwargs])
+        given = [k for k in COMPONENTS if k in kwargs]
+        check_model_folder(pretrained_model_name_or_path, given)
+        check_folder_parts_agree(pretrained_model_name_or_path, given)  # configs only: before any weights load
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
@@ -170,7 +149,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            images = self.vae.decode(unscale_latents(self.vae, latents), return_dict=False)[0]
+            images = decode_latents(self.vae, unscale_latents(self.vae, latents))
             images = self.image_processor.postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -1,5 +1,6 @@
 """LatentDiffusionPipeline: parity with diffusers' StableDiffusionPipeline, saving/loading, inputs."""
 
+import copy
 import json
 import shutil
 from types import SimpleNamespace
@@ -8,11 +9,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from ldm.errors import LdmError
+from ldm.model_parts import check_components, check_parts_agree
 from ldm.pipeline import LatentDiffusionPipeline, unscale_latents
 from ldm.text_encoder import OpenCLIPTextModel
+from ldm.vae_decode import decode_latents
 
 STEPS = 2
 PROMPT = "a red circle"
@@ -36,6 +39,8 @@ def ours(parts):
 
 def run(pipe, **kwargs):
     kwargs = {"prompt": PROMPT, "num_inference_steps": STEPS, "generator": gen(0), "output_type": "np", **kwargs}
+    if callable(kwargs["generator"]):  # fresh generators for each pipeline of a comparison
+        kwargs["generator"] = kwargs["generator"]()
     return pipe(**kwargs).images
 
 
@@ -46,6 +51,9 @@ PARITY_CASES = {
     "negative": dict(negative_prompt="a blue square"),
     "2x2": dict(prompt=["a red circle", "a blue square"], num_images_per_prompt=2, negative_prompt=["green", "cyan"]),
     "latents": dict(latents=torch.randn((1, 4, 8, 8), generator=gen(7))),
+    # One generator per image, as ldm-sample passes them; eta > 0 draws DDIM's noise from them.
+    "per-image-generators": dict(prompt=["a red circle", "a blue square"], num_images_per_prompt=2, eta=0.5,
+                                 generator=lambda: [gen(1), gen(2), gen(3), gen(4)]),
     "rescale": dict(guidance_rescale=0.7),
     "euler": dict(scheduler=EulerDiscreteScheduler),  # init_noise_sigma != 1, scaled model input
 }
@@ -169,3 +177,83 @@ def test_missing_part_is_named(tiny_model_dir, tmp_path):
         LatentDiffusionPipeline.from_pretrained(folder)
     with pytest.raises(LdmError, match="no model folder"):
         LatentDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
+
+
+def count_calls(module, sizes):
+    """Record the batch size of every call of `module` (remove the returned handle after)."""
+    return module.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])))
+
+
+@pytest.mark.parametrize("guidance, unet_batch, text_calls", [(1.0, 1, 1), (7.5, 2, 2)])
+def test_guidance_1_makes_no_unconditional_pass(tiny_pipe, guidance, unet_batch, text_calls):
+    unet_sizes, text_sizes = [], []
+    handles = [count_calls(tiny_pipe.unet, unet_sizes), count_calls(tiny_pipe.text_encoder, text_sizes)]
+    try:
+        run(tiny_pipe, guidance_scale=guidance, output_type="latent")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert unet_sizes == [unet_batch] * STEPS  # one U-Net call a step; the unconditional half only with guidance
+    assert len(text_sizes) == text_calls  # no "" / negative prompt encoded at guidance 1
+
+
+def fake_decode(vae, calls, first=None):
+    """Replace `vae.decode`: record (VAE dtype, latent dtype) of each call; the first call returns `first` if given."""
+    real = vae.decode
+
+    def decode(z, return_dict=True):
+        calls.append((vae.dtype, z.dtype))
+        if first is not None and len(calls) == 1:
+            return (first.to(z.dtype),)
+        return real(z, return_dict=return_dict)
+
+    return decode
+
+
+def test_a_non_finite_half_precision_decode_is_redone_in_float32(open_clip_parts, monkeypatch):
+    vae = copy.deepcopy(open_clip_parts["vae"]).to(torch.bfloat16)  # bf16 runs on CPU; fp16 overflows the same way
+    pipe = ours({**open_clip_parts, "vae": vae})
+    calls = []
+    monkeypatch.setattr(vae, "decode", fake_decode(vae, calls, first=torch.full((1, 3, 16, 16), float("inf"))))
+    with pytest.warns(UserWarning, match="decoding again in float32"):
+        images = run(pipe)
+    assert calls == [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]
+    assert np.isfinite(images).all() and 0.0 <= images.min() and images.max() <= 1.0
+    assert vae.dtype == torch.bfloat16  # back in its own dtype (training shares it)
+
+
+def test_fp16_vae_with_force_upcast_decodes_in_float32_once(tiny_vae, monkeypatch):
+    vae = copy.deepcopy(tiny_vae).half()
+    assert vae.config.force_upcast  # diffusers' default for AutoencoderKL
+    calls = []
+    monkeypatch.setattr(vae, "decode", fake_decode(vae, calls))
+    assert torch.isfinite(decode_latents(vae, torch.randn(1, 4, 8, 8))).all()
+    assert calls == [(torch.float32, torch.float32)] and vae.dtype == torch.float16
+
+
+def test_a_float32_vae_is_never_decoded_twice(tiny_vae, monkeypatch):
+    vae = copy.deepcopy(tiny_vae)
+    calls = []
+    monkeypatch.setattr(vae, "decode", fake_decode(vae, calls, first=torch.full((1, 3, 16, 16), float("nan"))))
+    assert torch.isnan(decode_latents(vae, torch.randn(1, 4, 8, 8))).all()  # nothing better to retry in
+    assert calls == [(torch.float32, torch.float32)]
+
+
+def test_parts_that_do_not_fit_are_named_with_both_numbers(open_clip_parts):
+    torch.manual_seed(0)
+    unet16 = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=32,
+    )
+    with pytest.raises(LdmError, match="text of width 16 .unet cross_attention_dim. but the text encoder gives width 32"):
+        LatentDiffusionPipeline(**{**open_clip_parts, "unet": unet16})
+    vae3 = SimpleNamespace(config={"latent_channels": 3})
+    with pytest.raises(LdmError, match="U-Net has 4 channels .unet in_channels. but the VAE has 3"):
+        check_components(vae=vae3, unet=open_clip_parts["unet"])
+    # A U-Net with encoder_hid_dim projects the text itself: that is the width it reads.
+    check_parts_agree(text_encoder={"hidden_size": 48}, unet={"cross_attention_dim": 32, "encoder_hid_dim": 48})
+    with pytest.raises(LdmError, match=r"text of width \[32, 32\]"):
+        check_parts_agree(text_encoder={"width": 64}, unet={"cross_attention_dim": [32, 32]})
+    with pytest.raises(LdmError, match="tokenizer pads to 77 tokens .* at most 16"):
+        check_parts_agree(text_encoder={"context_length": 16}, tokenizer_length=77)
