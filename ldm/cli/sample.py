@@ -1,26 +1,33 @@
-"""ldm-sample: an image for every prompt of a file, resumable.
+"""ldm-sample: an image for every prompt of a file, resumable, shardable.
 
     ldm-sample --model runs/unet/final --prompts prompts.txt --outdir out/
+    accelerate launch -m ldm.cli.sample --model ... --prompts ... --outdir ...   # one shard per GPU
 
 Each image depends only on its prompt line and its seed (default: --seed + line number):
-its initial noise and any sampler noise come from its own generator, so batch size and
-the other lines of the file never change it. Images are named from the line number and
-seed, written atomically, and recorded in manifest.jsonl as each one is done; a re-run
-skips what is already there.
+its initial noise and any sampler noise come from its own generator, so batch size, the
+shard and the other lines of the file never change it. Images are named from the line
+number and seed, written atomically with their prompt and settings in PNG text chunks,
+and recorded in the shard's manifest as each one is done; a re-run (killed or not, with
+any shard count) skips what is already there. Every run ends with a labelled contact
+sheet. The whole file is checked, and the model folder's parts matched, before any image.
 """
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 from ldm.cli.common import run_main
+from ldm.cli.sample_io import (
+    append_record, cut_torn_tail, is_done, manifest_name, read_manifests, remove_stale_temps, save_png,
+)
+from ldm.cli.shards import Shard, resolve_shard
 from ldm.errors import LdmError
+from ldm.model_parts import check_folder_parts_agree, check_model_folder
 from ldm.prompts import PromptRecord, read_prompts
 
-MANIFEST = "manifest.jsonl"
+MANIFEST = manifest_name("")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="model folder saved by the trainer (model_index.json, unet/, vae/, ...)")
     p.add_argument("--prompts", required=True, help=".txt (one prompt a line, # comments) or .jsonl ({\"prompt\": ..., \"seed\"?, ...})")
-    p.add_argument("--outdir", required=True, help="folder for the images and manifest.jsonl")
+    p.add_argument("--outdir", required=True, help="folder for the images, their manifest and contact_sheet.png")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale; 1 turns it off (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="a line's seed is this plus its line number, unless the .jsonl line sets one (default: 0)")
@@ -40,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None, help="negative prompt for lines that set none (default: none)")
     p.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt line (default: 1)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic DDIM (default: 0)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto; under accelerate launch, the process's GPU)")
+    p.add_argument("--num-shards", type=int, default=None,
+                   help="split the file into N shards by prompt line, e.g. one per machine (default: 1, or the process count under accelerate launch)")
+    p.add_argument("--shard-index", type=int, default=None,
+                   help="the shard to sample, 0..N-1: prompt lines I, I+N, ... (default: 0, or the process rank under accelerate launch)")
     return p
 
 
@@ -98,19 +109,6 @@ def pick_device(name: str):
     return torch.device("cpu")
 
 
-def read_manifest(outdir: Path) -> set:
-    """Files the manifest records; a torn last line (a crash mid-write) is ignored."""
-    recorded = set()
-    manifest = outdir / MANIFEST
-    if manifest.is_file():
-        for line in manifest.read_text(encoding="utf-8").splitlines():
-            try:
-                recorded.add(json.loads(line)["file"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return recorded
-
-
 def initial_noise(job: Job, shape):
     """(latents, generator) of one image: draw `index + 1` noise tensors from the line's seed, keep the last.
 
@@ -138,34 +136,24 @@ def batches(jobs: List[Job], batch_size: int):
         yield batch
 
 
-def save_png(image, path: Path) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a truncated PNG."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+def image_settings(job: Job, args, height: int, width: int, scheduler: str) -> dict:
+    """What made an image: stored in its PNG text chunks (each key, and all as JSON in "parameters")."""
+    return dict(
+        prompt=job.record.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
+        guidance_scale=job.guidance_scale, model=str(args.model), line=job.record.line, image_index=job.index,
+        eta=args.eta, height=height, width=width, scheduler=scheduler,
+    )
 
 
-def append_manifest(outdir: Path, job: Job) -> None:
-    record = dict(
+def manifest_record(job: Job) -> dict:
+    return dict(
         file=job.file, line=job.record.line, prompt=job.record.prompt, negative_prompt=job.negative_prompt,
         seed=job.seed, steps=job.steps, guidance_scale=job.guidance_scale,
     )
-    with open(outdir / MANIFEST, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    check_args(args)
-    jobs = plan(read_prompts(args.prompts), args)  # every line checked before any work
-    outdir = Path(args.outdir)
-    # Done: recorded and on disk. A file without a record (a crash between the two) is redone.
-    recorded = read_manifest(outdir)
-    todo = [j for j in jobs if j.file not in recorded or not (outdir / j.file).is_file()]
-    print(f"{len(jobs)} images for {args.prompts}: {len(jobs) - len(todo)} already in {outdir}, {len(todo)} to make")
-    if not todo:
-        return 0
-
+def make_images(todo: List[Job], args, shard: Shard, outdir: Path, recorded: set) -> None:
+    """Sample `todo` in batches; each image is saved and recorded as soon as its batch is done."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder; never reach for the hub
     import diffusers
     import torch
@@ -174,11 +162,11 @@ def _main(argv=None) -> int:
 
     from ldm.pipeline import LatentDiffusionPipeline
 
-    # One progress bar (ours, over images); not diffusers' and transformers' loading bars.
+    # One progress bar (ours, over images, with an ETA); not diffusers' and transformers' loading bars.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
 
-    device = pick_device(args.device)
+    device = shard.device if args.device == "auto" and shard.device is not None else pick_device(args.device)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model).to(device)
     pipe.set_progress_bar_config(disable=True)
     height, width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
@@ -186,9 +174,13 @@ def _main(argv=None) -> int:
     if height % f or width % f:
         raise LdmError(f"--height and --width must be multiples of {f} (the VAE's scale factor), got {height}x{width}")
     shape = (pipe.unet.config.in_channels, height // f, width // f)
+    scheduler = type(pipe.scheduler).__name__
     outdir.mkdir(parents=True, exist_ok=True)
+    manifest = outdir / manifest_name(shard.suffix)
+    cut_torn_tail(manifest)
+    remove_stale_temps(outdir, [job.file for job in todo])
 
-    with tqdm(total=len(todo), unit="img", desc="ldm-sample") as bar:
+    with tqdm(total=len(todo), unit="img", desc="ldm-sample" + shard.suffix, disable=not shard.is_main) as bar:
         for batch in batches(todo, args.batch_size):
             noise = [initial_noise(job, shape) for job in batch]
             images = pipe(
@@ -200,10 +192,60 @@ def _main(argv=None) -> int:
                 generator=[generator for _, generator in noise],
             ).images
             for job, image in zip(batch, images):
-                save_png(image, outdir / job.file)
+                save_png(image, outdir / job.file, image_settings(job, args, height, width, scheduler))
                 if job.file not in recorded:
-                    append_manifest(outdir, job)
+                    append_record(manifest, manifest_record(job))
                 bar.update()
+
+
+def write_contact_sheet(jobs: List[Job], outdir: Path, name: str) -> Optional[Path]:
+    """contact_sheet.png: the images of `jobs` on disk, one labelled row per prompt line."""
+    from ldm.contact_sheet import MAX_ROWS, contact_sheet, thumbnail
+
+    rows = {}
+    for job in jobs:
+        if (outdir / job.file).is_file():
+            rows.setdefault(job.record.line, (job.record.prompt, []))[1].append(outdir / job.file)
+    if not rows:
+        return None
+    if len(rows) > MAX_ROWS:
+        print(f"{name} shows the first {MAX_ROWS} of {len(rows)} prompt lines")
+    shown = list(rows.items())[:MAX_ROWS]
+    path = outdir / name
+    remove_stale_temps(outdir, [name])
+    sheet = contact_sheet(
+        [[thumbnail(p) for p in paths] for _, (_, paths) in shown],
+        [f"{line}: {prompt}" for line, (prompt, _) in shown],
+    )
+    save_png(sheet, path)
+    return path
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    records = read_prompts(args.prompts)
+    all_jobs = plan(records, args)  # every line checked before any work, whichever shard it falls in
+    check_model_folder(args.model)  # configs only: a folder of mismatched parts fails now, not after loading
+    check_folder_parts_agree(args.model)
+    shard = resolve_shard(args.num_shards, args.shard_index)
+    lines = {r.line for r in shard.take(records)}
+    jobs = [job for job in all_jobs if job.record.line in lines]
+    outdir = Path(args.outdir)
+    # Done: recorded by any shard's manifest and on disk. A file without a record (a kill between
+    # the two) is made again; a record without its file likewise.
+    recorded = read_manifests(outdir)
+    todo = [job for job in jobs if not is_done(outdir, job.file, recorded)]
+    where = "" if shard.count == 1 else f" (shard {shard.index} of {shard.count})"
+    print(f"{len(jobs)} images for {args.prompts}{where}: {len(jobs) - len(todo)} already in {outdir}, {len(todo)} to make")
+    try:
+        if todo:
+            make_images(todo, args, shard, outdir, recorded)
+        sheet = write_contact_sheet(jobs, outdir, f"contact_sheet{shard.suffix}.png")
+        if sheet is not None:
+            print(f"contact sheet: {sheet}")
+    finally:
+        shard.close()
     return 0
 
 
