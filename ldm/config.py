@@ -141,6 +141,8 @@ class ObjectiveConfig:
     prediction_type: str = "epsilon"
     # Fraction of captions replaced by "" so the model also learns p(x) for CFG.
     caption_dropout: float = 0.1
+    # Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE. 5.0 is the paper's choice.
+    min_snr_gamma: Optional[float] = None
 
 
 @dataclass

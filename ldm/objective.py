@@ -24,6 +24,8 @@ def build_noise_scheduler(cfg) -> DDPMScheduler:
         raise LdmError(f"objective.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got '{cfg.beta_schedule}'")
     if not 0.0 <= cfg.caption_dropout <= 1.0:
         raise LdmError(f"objective.caption_dropout is a probability, got {cfg.caption_dropout}")
+    if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
+        raise LdmError(f"objective.min_snr_gamma must be positive (5.0 in the paper) or null, got {cfg.min_snr_gamma}")
     if cfg.num_train_timesteps < 1:
         raise LdmError(f"objective.num_train_timesteps must be at least 1, got {cfg.num_train_timesteps}")
     return DDPMScheduler(
@@ -79,6 +81,34 @@ def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Ten
     if kind == "sample":
         return x0
     raise LdmError(f"objective.prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got '{kind}'")
+
+
+def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = abar_t / (1 - abar_t), the signal-to-noise ratio of x_t."""
+    abar = scheduler.alphas_cumprod.to(t.device)[t]
+    return abar / (1 - abar)
+
+
+def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: Optional[float]) -> torch.Tensor:
+    """Per-example loss weights of Min-SNR-gamma (Hang et al. 2023, eq. 8).
+
+    The x_0 loss is weighted by min(SNR, gamma) so that the easy, low-noise steps stop
+    dominating the gradient; expressed for the target actually learned, that is
+    min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v, and
+    min(SNR, gamma) for x_0. gamma None: all ones (plain MSE).
+    """
+    if gamma is None:
+        return torch.ones(t.shape, device=t.device)
+    if gamma <= 0:
+        raise LdmError(f"objective.min_snr_gamma must be positive (5.0 in the paper) or null, got {gamma}")
+    ratio = snr(scheduler, t)
+    clipped = torch.clamp(ratio, max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / ratio
+    if kind == "v_prediction":
+        return clipped / (ratio + 1)
+    return clipped
 
 
 def drop_captions(captions: Sequence[str], p: float, generator: Optional[torch.Generator] = None) -> List[str]:

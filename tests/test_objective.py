@@ -88,3 +88,42 @@ def test_scale_latents_inverts_the_pipelines_unscale(extra):
     if not extra:
         torch.testing.assert_close(scale_latents(vae, z), z * 0.6)
     torch.testing.assert_close(unscale_latents(vae, scale_latents(vae, z)), z)
+
+
+def _float64_scheduler(prediction_type):
+    from ldm.config import ObjectiveConfig
+    from ldm.objective import build_noise_scheduler
+
+    return build_noise_scheduler(ObjectiveConfig(prediction_type=prediction_type))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_match_the_paper_in_float64(prediction_type):
+    from ldm.objective import min_snr_weights
+
+    scheduler = _float64_scheduler(prediction_type)
+    t = torch.tensor([0, 10, 100, 400, 999])
+    gamma = 5.0
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
+    abar = torch.cumprod(1 - betas, 0)[t]
+    snr = abar / (1 - abar)
+    expected = {
+        "epsilon": torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / snr,
+        "v_prediction": torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / (snr + 1),
+        "sample": torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)),
+    }[prediction_type]
+    got = min_snr_weights(scheduler, t, gamma).double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Noisy steps (SNR < gamma) keep weight 1 for epsilon: only the easy ones are damped.
+    if prediction_type == "epsilon":
+        assert got[-1] == 1.0 and got[0] < 0.01
+
+
+def test_min_snr_off_is_plain_mse_and_bad_gamma_is_refused():
+    from ldm.objective import min_snr_weights
+
+    scheduler = _float64_scheduler("epsilon")
+    t = torch.tensor([0, 500, 999])
+    assert torch.equal(min_snr_weights(scheduler, t, None), torch.ones(3))
+    with pytest.raises(LdmError, match="min_snr_gamma"):
+        min_snr_weights(scheduler, t, 0.0)

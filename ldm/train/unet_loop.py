@@ -18,7 +18,9 @@ from ldm.autoencoder import load_vae, vae_scale_factor
 from ldm.config import save_config
 from ldm.data import build_dataset
 from ldm.errors import LdmError
-from ldm.objective import add_noise, build_noise_scheduler, drop_captions, sample_timesteps, scale_latents, training_target
+from ldm.objective import (
+    add_noise, build_noise_scheduler, drop_captions, min_snr_weights, sample_timesteps, scale_latents, training_target,
+)
 from ldm.text_encoder import build_text_encoder, encode_text, hidden_size, tokenize
 from ldm.train.checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from ldm.train.ema import build_ema, ema_weights
@@ -141,7 +143,8 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
                 z_t = add_noise(noise_scheduler, z0, noise, t)
                 target = training_target(noise_scheduler, z0, noise, t)
                 prediction = unet(z_t, t, context).sample
-                loss = F.mse_loss(prediction.float(), target.float())
+                per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                loss = (min_snr_weights(noise_scheduler, t, cfg.objective.min_snr_gamma) * per_example).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
