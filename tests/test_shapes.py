@@ -85,6 +85,18 @@ def test_checker_is_right_on_drawn_data(resolution):
         assert classify(ds.image(i)) == (spec.colour, spec.kind), (i, spec)
 
 
+@pytest.mark.parametrize("radius", [0.6, 0.8])
+def test_checker_is_right_on_blurred_shapes(radius):
+    """Decoded samples are blurred; a blurred small triangle must not read as a circle."""
+    from PIL import ImageFilter
+
+    ds = ShapesDataset(400, 32, seed=5)
+    for i in range(400):
+        spec = ds.spec(i)
+        blurred = ds.image(i).filter(ImageFilter.GaussianBlur(radius))
+        assert classify(blurred) == (spec.colour, spec.kind), (i, spec)
+
+
 def test_checker_kind_thresholds_sit_between_the_ideal_fills():
     assert kind_from_fill(1.0) == "square"
     assert kind_from_fill(np.pi / 4) == "circle"

@@ -3,6 +3,10 @@
 - foreground: pixels far from the dark background; the largest 4-connected blob is the
   shape (stray specks from an imperfect sample are ignored);
 - colour: the blob's median colour, by the nearest palette entry;
+- edge: the shape is then cut out again where the image is halfway between background
+  and that colour. A blurred edge (VAE decoders blur) is symmetric about that level, so
+  the cut neither grows nor shrinks the shape; a low cut would grow it, and a grown
+  small triangle fills as much of its box as a circle does;
 - kind: the blob's fill of its bounding box: a square fills all of it, a circle pi/4,
   an upright triangle one half. The cut-offs sit halfway between those values.
 
@@ -66,14 +70,17 @@ def kind_from_fill(fill: float) -> str:
 def classify(image) -> Tuple[Optional[str], Optional[str]]:
     """(colour, kind) seen in a shapes image (PIL or HxWx3 uint8); (None, None) if blank."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
-    distance = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float64), axis=-1)
-    blob = _largest_blob(distance > FOREGROUND_DISTANCE)
-    if blob.sum() < MIN_AREA_FRACTION * blob.size:
+    background = np.array(BACKGROUND, dtype=np.float64)
+    distance = np.linalg.norm(pixels - background, axis=-1)
+    rough = _largest_blob(distance > FOREGROUND_DISTANCE)
+    if rough.sum() < MIN_AREA_FRACTION * rough.size:
         return None, None
+    fill_rgb = np.median(pixels[rough], axis=0)
+    half_contrast = np.linalg.norm(fill_rgb - background) / 2
+    blob = _largest_blob(distance > max(FOREGROUND_DISTANCE, half_contrast))
     ys, xs = np.nonzero(blob)
     box_area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    colour = nearest_colour(np.median(pixels[blob], axis=0))
-    return colour, kind_from_fill(blob.sum() / box_area)
+    return nearest_colour(fill_rgb), kind_from_fill(blob.sum() / box_area)
 
 
 def matches(image, prompt: str) -> bool:
