@@ -79,6 +79,29 @@ def save_checkpoint(accelerator, folder, state: TrainState, batches_per_epoch: i
     return final
 
 
+class Checkpointer:
+    """One run's checkpoints, remembering the last step saved.
+
+    The loop saves every N steps, again when it ends and when it is interrupted; knowing
+    the last saved step keeps those from writing the same step twice.
+    """
+
+    def __init__(self, accelerator, folder, batches_per_epoch: int, total_limit: Optional[int],
+                 saved_step: Optional[int] = None):
+        self.accelerator, self.folder = accelerator, folder
+        self.batches_per_epoch, self.total_limit = batches_per_epoch, total_limit
+        self.saved_step = saved_step  # a resumed run starts with its checkpoint's step saved
+
+    def save(self, state: TrainState) -> Path:
+        path = save_checkpoint(self.accelerator, self.folder, state, self.batches_per_epoch, self.total_limit)
+        self.saved_step = state.step
+        return path
+
+    def save_if_new(self, state: TrainState) -> Optional[Path]:
+        """Save unless `state.step` is the step saved last; None when nothing was written."""
+        return None if state.step == self.saved_step else self.save(state)
+
+
 def load_checkpoint(accelerator, path, batches_per_epoch: int) -> TrainState:
     """Restore everything `save_checkpoint` saved; returns where the loop stood."""
     accelerator.load_state(str(path))

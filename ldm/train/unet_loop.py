@@ -22,7 +22,7 @@ from ldm.objective import (
     add_noise, build_noise_scheduler, drop_captions, min_snr_weights, sample_timesteps, scale_latents, training_target,
 )
 from ldm.text_encoder import build_text_encoder, encode_text, hidden_size, tokenize
-from ldm.train.checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from ldm.train.checkpoint import Checkpointer, TrainState, find_checkpoint, load_checkpoint
 from ldm.train.ema import build_ema, ema_weights
 from ldm.train.loader import batches_from, train_loader
 from ldm.train.optim import build_lr_scheduler, build_optimizer
@@ -100,7 +100,10 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     elif resume is not None:
         accelerator.print(f"no checkpoint in {run.checkpoints} yet: starting afresh")
-    saved_step = state.step if checkpoint is not None else None
+    checkpoints = Checkpointer(
+        accelerator, run.checkpoints, len(loader), cfg.train.checkpoints_total_limit,
+        saved_step=state.step if checkpoint is not None else None,
+    )
 
     def pipeline():
         """The model as a sampling pipeline (shares the training modules' weights)."""
@@ -163,8 +166,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
                 report.log(step, epoch=batches / len(loader), lr=lr_scheduler.get_last_lr()[0])
             if step % cfg.train.checkpoint_every == 0:
                 with report.paused():
-                    save_checkpoint(accelerator, run.checkpoints, state, len(loader), cfg.train.checkpoints_total_limit)
-                    saved_step = step
+                    checkpoints.save(state)
             if step % cfg.validation.every == 0:
                 with report.paused():
                     validate(step)
@@ -173,13 +175,12 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
                 accelerator.print(f"train.max_minutes={cfg.train.max_minutes} spent: stopping at step {step}")
                 break
     except KeyboardInterrupt:
-        if state.step != saved_step:
-            path = save_checkpoint(accelerator, run.checkpoints, state, len(loader), cfg.train.checkpoints_total_limit)
+        path = checkpoints.save_if_new(state)
+        if path is not None:
             accelerator.print(f"\ninterrupted: saved {path}; continue with --resume auto")
         report.close()
         raise
-    if state.step != saved_step:
-        save_checkpoint(accelerator, run.checkpoints, state, len(loader), cfg.train.checkpoints_total_limit)
+    checkpoints.save_if_new(state)
     if state.step != validated_step:
         validate(state.step)
     report.close()

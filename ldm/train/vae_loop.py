@@ -16,7 +16,7 @@ from torchvision.utils import save_image
 from ldm.autoencoder import build_vae, measure_latent_stats
 from ldm.data import build_dataset
 from ldm.errors import LdmError
-from ldm.train.checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from ldm.train.checkpoint import Checkpointer, TrainState, find_checkpoint, load_checkpoint
 from ldm.train.loader import EpochShuffle, batches_from, train_loader
 from ldm.train.optim import build_lr_scheduler, build_optimizer
 from ldm.train.run import (
@@ -84,7 +84,10 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     elif resume is not None:
         accelerator.print(f"no checkpoint in {run.checkpoints} yet: starting afresh")
-    saved_step = state.step if checkpoint is not None else None
+    checkpoints = Checkpointer(
+        accelerator, run.checkpoints, len(loader), cfg.train.checkpoints_total_limit,
+        saved_step=state.step if checkpoint is not None else None,
+    )
 
     def validate(step: int) -> None:
         """PSNR of the validation split's reconstructions, into metrics.jsonl."""
@@ -122,21 +125,19 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
                 report.log(step, epoch=batches / len(loader), lr=lr_scheduler.get_last_lr()[0])
             if step % cfg.train.checkpoint_every == 0:
                 with report.paused():
-                    save_checkpoint(accelerator, run.checkpoints, state, len(loader), cfg.train.checkpoints_total_limit)
-                    saved_step = step
+                    checkpoints.save(state)
                     validate(step)
                     validated_step = step
             if budget.spent(accelerator):
                 accelerator.print(f"train.max_minutes={cfg.train.max_minutes} spent: stopping at step {step}")
                 break
     except KeyboardInterrupt:
-        if state.step != saved_step:
-            path = save_checkpoint(accelerator, run.checkpoints, state, len(loader), cfg.train.checkpoints_total_limit)
+        path = checkpoints.save_if_new(state)
+        if path is not None:
             accelerator.print(f"\ninterrupted: saved {path}; continue with --resume auto")
         report.close()
         raise
-    if state.step != saved_step:
-        save_checkpoint(accelerator, run.checkpoints, state, len(loader), cfg.train.checkpoints_total_limit)
+    checkpoints.save_if_new(state)
     if state.step != validated_step:
         validate(state.step)
     report.close()
