@@ -39,9 +39,14 @@ def build_vae(cfg, sample_size: int) -> AutoencoderKL:
     )
 
 
+def downsampling_factor(block_out_channels) -> int:
+    """Pixels per latent along one side for a VAE with these levels (one halving between levels)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def vae_scale_factor(vae) -> int:
     """Pixels per latent along one side (8 for Stable Diffusion's VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return downsampling_factor(vae.config.block_out_channels)
 
 
 @torch.no_grad()

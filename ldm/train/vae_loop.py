@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 
-from ldm.autoencoder import build_vae, measure_latent_stats
+from ldm.autoencoder import build_vae, downsampling_factor, measure_latent_stats
 from ldm.data import build_dataset
 from ldm.errors import LdmError
 from ldm.train.checkpoint import Checkpointer, TrainState, find_checkpoint, load_checkpoint
@@ -53,7 +53,7 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
     # ---- 1. Check what can be checked before anything slow.
     check_train_config(cfg.train)
     check_loss_config(cfg.loss)
-    factor = 2 ** (len(cfg.model.block_out_channels) - 1)
+    factor = downsampling_factor(cfg.model.block_out_channels)  # checked before the VAE is built
     if cfg.data.resolution % factor:
         raise LdmError(
             f"data.resolution={cfg.data.resolution} is not divisible by the VAE's downsampling factor {factor} "
