@@ -30,8 +30,16 @@ class ShapesConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # "shapes" | "folder"
-    path: Optional[str] = None  # the image folder when source is "folder"
+    source: str = "shapes"  # "shapes" | "folder" | "webdataset"
+    # "folder": the image folder; "webdataset": tar shards, brace patterns allowed
+    # ("data/shard-{000000..000999}.tar"), several patterns joined with "::".
+    path: Optional[str] = None
+    # webdataset: the number of samples in the shards (their length is not stored in them).
+    num_samples: Optional[int] = None
+    # Stage 2: a folder written by `ldm-cache` (VAE latent distributions and, for a frozen
+    # text encoder, its hidden states). Training then reads it instead of running the
+    # VAE encoder and the text encoder on every step.
+    cache: Optional[str] = None
     resolution: int = 32
     center_crop: bool = True  # False: random crop
     random_flip: bool = False
@@ -62,6 +70,21 @@ class TrainConfig:
     # Stop after this many minutes even if max_steps is not reached (None: no limit).
     # The run still saves its final model, so a time budget never loses work.
     max_minutes: Optional[float] = None
+    # Recompute activations in the backward pass: less memory, ~30% more compute.
+    gradient_checkpointing: bool = False
+    # How long processes wait for each other (validation on the main process, checkpoint
+    # writes) before the collective times out.
+    process_group_timeout_minutes: float = 60.0
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.999
+    # Warm-up (decay grows as 1 - (1 + step / inv_gamma) ** -power), as diffusers' EMAModel.
+    use_warmup: bool = True
+    inv_gamma: float = 1.0
+    power: float = 0.75
 
 
 # ---------------------------------------------------------------- stage 1
@@ -81,8 +104,31 @@ class VAEModelConfig:
 
 @dataclass
 class VAELossConfig:
+    """Rombach et al. 2022 / taming-transformers' LPIPSWithDiscriminator."""
+
     reconstruction: str = "l1"  # "l1" | "l2"
     kl_weight: float = 1e-6
+    # LPIPS (Zhang et al. 2018) on VGG16 features. Its weights cannot be downloaded here:
+    # vgg_weights is torchvision's VGG16 ImageNet state dict (vgg16-397923af.pth),
+    # linear_weights the LPIPS v0.1 linear layers (lpips/weights/v0.1/vgg.pth).
+    perceptual_weight: float = 0.0
+    lpips_vgg_weights: Optional[str] = None
+    lpips_linear_weights: Optional[str] = None
+    # PatchGAN discriminator (Isola et al. 2017), switched on at discriminator_start
+    # (None: never) and weighted adaptively by the gradient norms at the decoder's last layer.
+    discriminator_start: Optional[int] = None
+    discriminator_weight: float = 0.5
+    discriminator_loss: str = "hinge"  # "hinge" | "vanilla"
+    discriminator_layers: int = 3
+    discriminator_channels: int = 64
+    # None: train.learning_rate
+    discriminator_learning_rate: Optional[float] = None
+
+
+@dataclass
+class VAEValidationConfig:
+    every: int = 500  # steps between validations (PSNR, SSIM, MAE and a reconstruction grid)
+    grid_images: int = 8
 
 
 @dataclass
@@ -91,8 +137,12 @@ class VAEStageConfig:
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/vae", learning_rate=1e-3))
+    validation: VAEValidationConfig = field(default_factory=VAEValidationConfig)
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(enabled=False))
     # Images over which the latent scaling factor (1 / std of latents) is measured.
     scale_samples: int = 1024
+    # Also store a per-channel latents_mean / latents_std (SDXL-style shift) in the VAE config.
+    per_channel_stats: bool = False
 
 
 # ---------------------------------------------------------------- stage 2
@@ -143,16 +193,12 @@ class ObjectiveConfig:
     caption_dropout: float = 0.1
     # Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE. 5.0 is the paper's choice.
     min_snr_gamma: Optional[float] = None
-
-
-@dataclass
-class EMAConfig:
-    enabled: bool = True
-    decay: float = 0.999
-    # Warm-up (decay grows as 1 - (1 + step / inv_gamma) ** -power), as diffusers' EMAModel.
-    use_warmup: bool = True
-    inv_gamma: float = 1.0
-    power: float = 0.75
+    # Rescale the betas so the last step has SNR 0 (Lin et al. 2024, "Common diffusion noise
+    # schedules and sample steps are flawed"); pair it with v_prediction.
+    rescale_zero_terminal_snr: bool = False
+    # Offset noise (Guttenberg 2023): eps + offset_noise * per-channel N(0, 1), so the model
+    # can change an image's mean brightness. 0.1 is the usual value; 0: off.
+    offset_noise: float = 0.0
 
 
 @dataclass
