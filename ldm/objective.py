@@ -28,6 +28,15 @@ def build_noise_scheduler(cfg) -> DDPMScheduler:
         raise LdmError(f"objective.min_snr_gamma must be positive (5.0 in the paper) or null, got {cfg.min_snr_gamma}")
     if cfg.num_train_timesteps < 1:
         raise LdmError(f"objective.num_train_timesteps must be at least 1, got {cfg.num_train_timesteps}")
+    if cfg.offset_noise < 0:
+        raise LdmError(f"objective.offset_noise must be 0 (off) or more (0.1 is usual), got {cfg.offset_noise}")
+    if cfg.rescale_zero_terminal_snr and cfg.prediction_type != "v_prediction":
+        # At SNR 0, x_T holds no signal: x_0 cannot be recovered from an epsilon prediction
+        # (the sampler divides by sqrt(abar_T) = 0). Lin et al. 2024, sec. 3.2.
+        raise LdmError(
+            f"objective.rescale_zero_terminal_snr needs objective.prediction_type=v_prediction "
+            f"(got '{cfg.prediction_type}'): with zero terminal SNR, x_0 cannot be recovered from a noise prediction"
+        )
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
@@ -37,6 +46,8 @@ def build_noise_scheduler(cfg) -> DDPMScheduler:
         # Latents have unit variance, not the [-1, 1] range of pixels: never clip x_0 to it
         # (DDPMScheduler clips by default, and samplers built from this config inherit it).
         clip_sample=False,
+        # Lin et al. 2024, Algorithm 1: shift and scale sqrt(abar_t) so that abar_T = 0.
+        rescale_betas_zero_snr=cfg.rescale_zero_terminal_snr,
     )
 
 
@@ -60,6 +71,21 @@ def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
 def sample_timesteps(scheduler: DDPMScheduler, batch_size: int, device=None, generator=None) -> torch.Tensor:
     """t ~ Uniform{0, ..., T-1}, one per example (Ho et al. 2020, Algorithm 1)."""
     return torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device, generator=generator)
+
+
+def sample_noise(z0: torch.Tensor, offset: float = 0.0, generator=None) -> torch.Tensor:
+    """eps ~ N(0, I), plus `offset` * a per-(example, channel) constant N(0, 1) (offset noise).
+
+    Plain Gaussian noise barely touches an image's mean, so a model trained on it cannot
+    make images much darker or brighter than average; a shared per-channel offset
+    (Guttenberg 2023) lets it learn the low frequencies too. The offset is part of the
+    noise, so the epsilon target includes it.
+    """
+    eps = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    if offset > 0:
+        b, c = z0.shape[:2]
+        eps = eps + offset * torch.randn((b, c, 1, 1), generator=generator, device=z0.device, dtype=z0.dtype)
+    return eps
 
 
 def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

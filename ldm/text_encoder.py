@@ -67,6 +67,14 @@ class OpenCLIPTextModel(ModelMixin, ConfigMixin):
         return (self.text.ln_final(out["text_intermediates"][0]),)
 
 
+def enable_gradient_checkpointing(text_encoder) -> None:
+    """Recompute the text tower's blocks in the backward pass (when it is trained)."""
+    if isinstance(text_encoder, OpenCLIPTextModel):
+        text_encoder.text.set_grad_checkpointing(True)
+    else:
+        text_encoder.gradient_checkpointing_enable()  # transformers' CLIPTextModel
+
+
 def open_clip_named_kwargs(model_name: str) -> dict:
     """OpenCLIPTextModel arguments for a named open_clip config (ViT-H-14, ...)."""
     import open_clip

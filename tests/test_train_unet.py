@@ -154,3 +154,17 @@ def test_text_width_must_match_cross_attention(tmp_path, vae_dir, capsys):
 def test_unknown_objective(tmp_path, vae_dir, capsys):
     assert "prediction_type" in one_line_error(capsys, tiny(tmp_path / "u", vae_dir, "objective.prediction_type=x0"))
     assert "beta_schedule" in one_line_error(capsys, tiny(tmp_path / "u", vae_dir, "objective.beta_schedule=cosine"))
+
+
+def test_v_prediction_zero_snr_offset_noise_and_checkpointing_train(tmp_path, vae_dir):
+    """The objective's options run through the loop: finite losses, a saved zero-SNR sampler."""
+    run = tmp_path / "unet"
+    assert main(tiny(
+        run, vae_dir, "train.max_steps=2", "objective.prediction_type=v_prediction",
+        "objective.rescale_zero_terminal_snr=true", "objective.offset_noise=0.1", "objective.min_snr_gamma=5",
+        "train.gradient_checkpointing=true", "text_encoder.trainable=true",
+    )) == 0
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(run) if "loss" in r)
+    scheduler = json.loads((run / "final/scheduler/scheduler_config.json").read_text())
+    assert scheduler["rescale_betas_zero_snr"] is True and scheduler["timestep_spacing"] == "trailing"
+    assert scheduler["prediction_type"] == "v_prediction"

@@ -15,12 +15,13 @@ import json
 import shutil
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from ldm.config import save_config
@@ -39,6 +40,8 @@ def check_train_config(cfg) -> None:
         raise LdmError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got '{cfg.mixed_precision}'")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise LdmError(f"train.checkpoints_total_limit must be at least 1 (or null: keep all), got {cfg.checkpoints_total_limit}")
+    if cfg.process_group_timeout_minutes <= 0:
+        raise LdmError(f"train.process_group_timeout_minutes must be positive, got {cfg.process_group_timeout_minutes}")
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise LdmError(f"train.max_minutes must be positive (or null: no limit), got {cfg.max_minutes}")
     check_optim_config(cfg)
@@ -73,6 +76,9 @@ def make_accelerator(cfg, run: Run) -> Accelerator:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run.logs)),
+        # Other ranks wait while the main process samples validation grids and writes
+        # checkpoints; the default 10-30 min collective timeout can kill a big job there.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.process_group_timeout_minutes))],
     )
 
 

@@ -19,9 +19,10 @@ from ldm.config import save_config
 from ldm.data import build_dataset
 from ldm.errors import LdmError
 from ldm.objective import (
-    add_noise, build_noise_scheduler, drop_captions, min_snr_weights, sample_timesteps, scale_latents, training_target,
+    add_noise, build_noise_scheduler, drop_captions, min_snr_weights, sample_noise, sample_timesteps, scale_latents,
+    training_target,
 )
-from ldm.text_encoder import build_text_encoder, encode_text, hidden_size, tokenize
+from ldm.text_encoder import build_text_encoder, enable_gradient_checkpointing, encode_text, hidden_size, tokenize
 from ldm.train.checkpoint import Checkpointer, TrainState, find_checkpoint, load_checkpoint
 from ldm.train.ema import build_ema, ema_weights
 from ldm.train.loader import batches_from, train_loader
@@ -75,6 +76,10 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(train_text).train(train_text)
     unet.train()
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_text:
+            enable_gradient_checkpointing(text_encoder)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     optimizer = build_optimizer(params, cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
@@ -141,7 +146,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
                 captions = drop_captions(batch["caption"], cfg.objective.caption_dropout)
                 with torch.set_grad_enabled(train_text):
                     context = encode_text(text_encoder, tokenize(tokenizer, captions, accelerator.device))
-                noise = torch.randn_like(z0)
+                noise = sample_noise(z0, cfg.objective.offset_noise)
                 t = sample_timesteps(noise_scheduler, len(z0), z0.device)
                 z_t = add_noise(noise_scheduler, z0, noise, t)
                 target = training_target(noise_scheduler, z0, noise, t)
@@ -209,7 +214,13 @@ def place(model, device, dtype) -> None:
 
 
 def sampling_scheduler(noise_scheduler) -> DDIMScheduler:
-    """DDIM (Song et al. 2021) on the training schedule, with Stable Diffusion's step conventions."""
+    """DDIM (Song et al. 2021) on the training schedule, with Stable Diffusion's step conventions.
+
+    With zero terminal SNR the sampler must start at the last training step, where the
+    model saw pure noise: "trailing" spacing (Lin et al. 2024, sec. 3.3).
+    """
+    if noise_scheduler.config.rescale_betas_zero_snr:
+        return DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=False)
     return DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False, steps_offset=1)
 
 
