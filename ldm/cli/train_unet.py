@@ -1,7 +1,7 @@
 """ldm-train-unet: train the text-conditioned latent U-Net on a trained stage-1 VAE's latents."""
 
 from ldm.cli.common import run_main
-from ldm.cli.training import parse_train_args, resolve_config
+from ldm.cli.training import parse_train_args, preemption_saves, resolve_config
 from ldm.config import UNetStageConfig
 
 
@@ -13,7 +13,8 @@ def _main(argv=None) -> int:
     cfg = resolve_config(UNetStageConfig, args)
     from ldm.train.unet_loop import train_unet  # after parsing: --help and config errors stay fast
 
-    final = train_unet(cfg, resume=args.resume)
+    with preemption_saves():
+        final = train_unet(cfg, resume=args.resume)
     print(f"model: {final}")
     return 0
 

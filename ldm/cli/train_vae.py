@@ -1,7 +1,7 @@
 """ldm-train-vae: train the stage-1 KL autoencoder and measure its latent scaling factor."""
 
 from ldm.cli.common import run_main
-from ldm.cli.training import parse_train_args, resolve_config
+from ldm.cli.training import parse_train_args, preemption_saves, resolve_config
 from ldm.config import VAEStageConfig
 
 
@@ -13,7 +13,8 @@ def _main(argv=None) -> int:
     cfg = resolve_config(VAEStageConfig, args)
     from ldm.train.vae_loop import train_vae  # after parsing: --help and config errors stay fast
 
-    final = train_vae(cfg, resume=args.resume)
+    with preemption_saves():
+        final = train_vae(cfg, resume=args.resume)
     print(f"VAE: {final}")
     return 0
 

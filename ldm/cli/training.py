@@ -1,6 +1,8 @@
 """What the two training commands share: arguments and the config they resolve to."""
 
 import argparse
+import signal
+from contextlib import contextmanager
 
 from ldm.config import load_config
 
@@ -16,6 +18,7 @@ overrides:
 resume:
   --resume auto continues from the newest complete checkpoint in
   TRAIN.OUTPUT_DIR/checkpoints/ (or starts fresh if there is none); --resume PATH from that one.
+  Ctrl-C or SIGTERM (a cluster's preemption notice) saves a checkpoint before exiting.
   Multi-GPU / multi-node: accelerate launch {script} --config ...
 """
 
@@ -37,3 +40,22 @@ def parse_train_args(prog: str, description: str, default_config: str, examples:
 def resolve_config(schema, args):
     """The stage config from defaults, --config and the overrides."""
     return load_config(schema, args.config, args.overrides)
+
+
+@contextmanager
+def preemption_saves():
+    """Treat SIGTERM like Ctrl-C while training: the loop saves a checkpoint and exits.
+
+    Schedulers (SLURM, Kubernetes) announce preemption or a time limit with SIGTERM, and
+    its default action kills the process at once, losing every step since the last
+    checkpoint. Raising KeyboardInterrupt instead sends it down the loop's Ctrl-C path.
+    """
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
