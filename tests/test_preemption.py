@@ -30,14 +30,15 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     run = tmp_path / "vae"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "train_vae.py"), f"train.output_dir={run}", *TINY]
-    proc = subprocess.Popen([*cmd, "train.max_steps=100000"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*cmd, "train.max_steps=100000"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while logged_steps(run) < 3 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, proc.stdout.read()
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        err, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
