@@ -230,3 +230,31 @@ def test_shapes_source():
     assert -1 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1
     assert isinstance(item["caption"], str) and item["caption"].startswith("a ")
     assert torch.equal(val[0]["pixel_values"], build_dataset(cfg, "validation")[0]["pixel_values"])
+
+
+# ---------------------------------------------------------------- metadata.csv
+
+
+def csv_folder(root, rows='x.png,an x\nsub/y.jpg,"a y, with a comma"\n'):
+    write_image(root / "x.png", seed=0)
+    write_image(root / "sub" / "y.jpg", seed=1)
+    (root / "metadata.csv").write_text("file_name,text\n" + rows)
+    return root
+
+
+def test_metadata_csv_layout(tmp_path):
+    ds = ImageFolderDataset(csv_folder(tmp_path), image_transform(RES))
+    assert [(p.relative_to(tmp_path).as_posix(), c) for p, c in ds.samples] == [
+        ("sub/y.jpg", "a y, with a comma"), ("x.png", "an x"),
+    ]
+
+
+def test_metadata_csv_errors(tmp_path):
+    csv_folder(tmp_path, rows="x.png\n")
+    message = error_of(ImageFolderDataset, tmp_path, image_transform(RES))
+    assert "line 2" in message and "malformed" in message
+    (tmp_path / "metadata.csv").write_text("path,caption\nx.png,an x\n")
+    assert "header row" in error_of(ImageFolderDataset, tmp_path, image_transform(RES))
+    (tmp_path / "metadata.csv").write_text("file_name,text\nx.png,an x\nsub/y.jpg,a y\n")
+    jsonl_folder(tmp_path)
+    assert "keep one" in error_of(ImageFolderDataset, tmp_path, image_transform(RES))

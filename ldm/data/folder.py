@@ -3,15 +3,17 @@
 (a) a caption file beside each image, with the same stem:   cat.png + cat.txt
 (b) a `metadata.jsonl` at the folder root, one JSON object per line, as Hugging Face's
     `imagefolder`:  {"file_name": "sub/cat.png", "text": "a cat"}  (paths relative to
-    the folder; subfolders allowed)
+    the folder; subfolders allowed), or a `metadata.csv` with the columns file_name and
+    text (a header row first), as `imagefolder` also reads
 
-Both may be mixed: a metadata.jsonl line wins over a .txt file. Every problem a user can
+Both may be mixed: a metadata line wins over a .txt file. Every problem a user can
 fix (no folder, no images, an image with no caption, a bad metadata line) is raised at
 construction, before training starts. A file that turns out to be unreadable only when
 it is decoded is skipped (with a warning) instead, so that one bad JPEG never ends a
 run hours in.
 """
 
+import csv
 import json
 import logging
 import posixpath
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
+METADATA_CSV = "metadata.csv"
 
 
 def relative_name(root: Path, image: Path) -> str:
@@ -56,26 +59,48 @@ def read_text(path: Path) -> str:
         raise LdmError(f"{path} is not UTF-8 text (save it with UTF-8 encoding)") from None
 
 
-def read_metadata(root: Path, images: List[Path]) -> Dict[str, str]:
-    """Captions from `root/metadata.jsonl` (empty when there is none), keyed by relative name."""
-    path = root / METADATA
-    if not path.is_file():
-        return {}
-    known = {relative_name(root, image) for image in images}
-    captions = {}
+def jsonl_entries(path: Path):
+    """(line number, file_name, text) of each non-blank line of a metadata.jsonl."""
     for number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
-            file_name, text = entry["file_name"], entry["text"]
-            if not isinstance(file_name, str) or not isinstance(text, str):
-                raise TypeError
+            yield number, entry["file_name"], entry["text"]
         except (ValueError, KeyError, TypeError):  # not JSON, not an object, a key missing
+            yield number, None, None
+
+
+def csv_entries(path: Path):
+    """(line number, file_name, text) of each row of a metadata.csv with a header row."""
+    rows = csv.reader(read_text(path).splitlines())
+    header = next(rows, [])
+    if "file_name" not in header or "text" not in header:
+        raise LdmError(f"{path} must start with a header row naming the columns file_name and text, got {header}")
+    name_col, text_col = header.index("file_name"), header.index("text")
+    for number, row in enumerate(rows, start=2):
+        if any(cell.strip() for cell in row):
+            ok = len(row) > max(name_col, text_col)
+            yield number, row[name_col] if ok else None, row[text_col] if ok else None
+
+
+def read_metadata(root: Path, images: List[Path]) -> Dict[str, str]:
+    """Captions from `root/metadata.jsonl` or `metadata.csv` (empty when neither exists), keyed by relative name."""
+    jsonl, table = root / METADATA, root / METADATA_CSV
+    if jsonl.is_file() and table.is_file():
+        raise LdmError(f"{root} holds both {METADATA} and {METADATA_CSV}: keep one of them")
+    path = jsonl if jsonl.is_file() else table
+    if not path.is_file():
+        return {}
+    entries = jsonl_entries(path) if path == jsonl else csv_entries(path)
+    example = '{"file_name": "cat.png", "text": "a cat"}' if path == jsonl else "cat.png,a cat"
+    known = {relative_name(root, image) for image in images}
+    captions = {}
+    for number, file_name, text in entries:
+        if not isinstance(file_name, str) or not isinstance(text, str):
             raise LdmError(
-                f"{path} line {number} is malformed: each line must be a JSON object with "
-                f'string "file_name" and "text", like {{"file_name": "cat.png", "text": "a cat"}}'
-            ) from None
+                f"{path} line {number} is malformed: each line must give a string file_name and text, like {example}"
+            )
         name = posixpath.normpath(file_name)  # "./a/b.png" and "a//b.png" name "a/b.png"
         if name not in known:
             raise LdmError(
