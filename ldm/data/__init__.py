@@ -2,7 +2,13 @@
 
 Items are dicts {"pixel_values": float32 (3, res, res) in [-1, 1], "caption": str}, so
 torch's default collate batches them (a tensor stack and a list of strings).
+
+"folder" and "shapes" are map-style data sets, split into validation and train items.
+"webdataset" is a stream (`ldm.data.webdataset.ShardStream`) with no validation split:
+data.num_validation does not apply to it, and asking for its validation split is an error.
 """
+
+from typing import Optional
 
 from torch.utils.data import Dataset, Subset
 
@@ -11,7 +17,7 @@ from ldm.data.folder import ImageFolderDataset
 from ldm.data.transforms import image_transform
 from ldm.errors import LdmError
 
-SOURCES = ("folder", "shapes")
+SOURCES = ("folder", "shapes", "webdataset")
 SPLITS = ("train", "validation")
 
 
@@ -26,6 +32,11 @@ def build_source(cfg: DataConfig, augment: bool) -> Dataset:
             random_flip=cfg.random_flip and augment,
         )
         return ImageFolderDataset(cfg.path, transform)
+    if cfg.source == "webdataset":
+        from ldm.data.webdataset import build_webdataset
+
+        transform = image_transform(cfg.resolution, center_crop=cfg.center_crop or not augment, random_flip=cfg.random_flip and augment)
+        return build_webdataset(cfg, transform)
     if cfg.source == "shapes":
         from ldm.data.shapes import ShapesDataset  # lazy: only runs that use it pay for it
 
@@ -34,17 +45,26 @@ def build_source(cfg: DataConfig, augment: bool) -> Dataset:
     raise LdmError(f"unknown data.source '{cfg.source}' (valid sources: {', '.join(SOURCES)})")
 
 
-def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
+def build_dataset(cfg: DataConfig, split: str = "train", augment: Optional[bool] = None) -> Dataset:
     """The `split` of the data: "validation" is the first `cfg.num_validation` items, "train" the rest.
 
     Validation items are not augmented (center crop, no flip), so that a validation
-    loss measured at different steps compares like with like.
+    loss measured at different steps compares like with like; `augment` overrides that
+    (ldm-cache reads the train split unaugmented and stores the flips itself).
+    A webdataset source is all "train" (see the module doc).
     """
     if split not in SPLITS:
         raise LdmError(f"unknown split '{split}' (valid splits: {', '.join(SPLITS)})")
     if cfg.num_validation < 0:
         raise LdmError(f"data.num_validation is {cfg.num_validation} (set it to 0 or more)")
-    dataset = build_source(cfg, augment=split == "train")
+    if cfg.source == "webdataset" and split == "validation":
+        raise LdmError(
+            "data.source=webdataset has no validation split (its shards are one stream): set data.num_validation=0, "
+            "or hold validation images out in a separate folder"
+        )
+    dataset = build_source(cfg, augment=split == "train" if augment is None else augment)
+    if cfg.source == "webdataset":
+        return dataset
     n, n_val = len(dataset), cfg.num_validation
     if n_val >= n:
         raise LdmError(

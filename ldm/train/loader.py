@@ -5,14 +5,22 @@ each epoch's order is drawn from its own generator seeded with (seed, epoch), an
 resume rebuilds the order of the epoch it stopped in and skips the batches it already
 used (accelerate's `skip_first_batches` skips indices without loading images). Every
 process draws the same order, which accelerate then shards across processes.
+
+A webdataset stream (`ShardStream`) is split across processes by shards instead, and
+orders itself from (seed, epoch, rank); its loader is a `StreamLoader`, which
+`accelerator.prepare` passes through untouched (accelerate would otherwise split the
+stream a second time) and which moves batches to the device itself.
 """
 
 from typing import Iterator
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, Sampler
 
+from ldm.data.webdataset import ShardStream
 from ldm.errors import LdmError
 
 
@@ -32,8 +40,48 @@ class EpochShuffle(Sampler):
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
 
 
-def train_loader(dataset, batch_size: int, num_workers: int, seed: int, num_processes: int = 1) -> DataLoader:
-    """A DataLoader over `dataset` in EpochShuffle order; full batches only."""
+class StreamLoader:
+    """Batches of this process's part of a `ShardStream`, on `device`.
+
+    Not a DataLoader, so that `accelerator.prepare` leaves it alone.
+    """
+
+    def __init__(self, loader: DataLoader, device=None):
+        self.loader, self.device = loader, device
+
+    @property
+    def dataset(self) -> ShardStream:
+        return self.loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.loader.batch_size  # full batches only
+
+    def set_position(self, epoch: int, skip_batches: int = 0) -> None:
+        self.dataset.set_position(epoch, skip_batches * self.loader.batch_size)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch if self.device is None else send_to_device(batch, self.device)
+
+
+def stream_loader(dataset: ShardStream, batch_size: int, num_workers: int, seed: int) -> StreamLoader:
+    """This process's part of a webdataset stream, in (seed, epoch, rank) order."""
+    state = PartialState()  # the Accelerator's process index and count
+    part = dataset.for_process(state.process_index, state.num_processes, batch_size, seed)
+    if len(part) < batch_size:
+        raise LdmError(
+            f"data.num_samples={dataset.num_samples} over {state.num_processes} processes is fewer than one batch "
+            f"each (train.batch_size={batch_size}): lower train.batch_size or check data.num_samples"
+        )
+    # No persistent workers: each epoch's position is set on the data set before its workers start.
+    loader = DataLoader(part, batch_size=batch_size, num_workers=num_workers, drop_last=True)
+    return StreamLoader(loader, state.device)
+
+
+def train_loader(dataset, batch_size: int, num_workers: int, seed: int, num_processes: int = 1):
+    """A DataLoader over `dataset` in EpochShuffle order; full batches only (a `StreamLoader` for shards)."""
+    if isinstance(dataset, ShardStream):
+        return stream_loader(dataset, batch_size, num_workers, seed)
     if len(dataset) == 0:
         raise LdmError("the training data set is empty: check data.path / data.source")
     if len(dataset) < batch_size * num_processes:
@@ -58,6 +106,11 @@ def batches_from(accelerator, loader, batches_done: int) -> Iterator:
     """Batches forever from a prepared `loader`, starting `batches_done` batches in."""
     epoch, skip = divmod(batches_done, len(loader))
     while True:
+        if isinstance(loader, StreamLoader):
+            loader.set_position(epoch, skip)  # the stream reads past the consumed samples itself
+            yield from loader
+            epoch, skip = epoch + 1, 0
+            continue
         loader.set_epoch(epoch)
         yield from accelerator.skip_first_batches(loader, skip) if skip else loader
         epoch, skip = epoch + 1, 0

@@ -1,0 +1,209 @@
+"""WebDataset tar shards: data at scale, each process reading its own shards.
+
+A shard is a tar file of samples; a sample is the files that share a key
+(`000123.jpg` + `000123.txt`, or `000123.png` + `000123.json` with a "caption" or "text"
+entry). `data.path` names the shards with brace patterns, several joined by "::"
+(webdataset's convention): `/data/laion-{000000..000999}.tar::/data/extra-{00..09}.tar`.
+
+Exact resume and no DDP hang both ask that every process know, from (seed, epoch, rank)
+alone, which samples it yields and how many:
+- process `rank` of `world` reads shards[rank::world];
+- each epoch it reads them in a shuffled order (and through a seeded shuffle buffer),
+  both drawn from a generator seeded with (seed, epoch, rank);
+- every process yields data.num_samples // world samples per epoch, going round its
+  shards again if they hold fewer (so all processes take the same number of steps);
+- a resume skips the samples already consumed in the epoch by reading past their
+  bytes, never decoding them.
+A sample that does not decode is replaced by the next one that does (and counted, its
+key logged), as `ldm.data.folder` does: positions in the stream never shift, so the
+skip on resume stays exact.
+
+DataLoader workers split the stream by whole batches (worker w yields the samples of
+batches w, w + W, ...), so the batches are the same with any number of workers.
+"""
+
+import io
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ldm.errors import LdmError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEYS = ("txt", "json")
+SHUFFLE_BUFFER = 1000  # samples; webdataset's usual size, a few MB of undecoded JPEGs
+
+
+def expand_shards(path: Optional[str]) -> List[str]:
+    """The shard files named by `path` ("::"-joined brace patterns); every one must exist."""
+    if not path:
+        raise LdmError("data.source is 'webdataset' but data.path is not set (set it to shard files, e.g. data/shard-{000000..000099}.tar)")
+    shards = []
+    for pattern in path.split("::"):
+        if "://" in pattern or pattern.startswith("pipe:"):
+            raise LdmError(f"webdataset shard '{pattern}' is not a local file: only local shards are supported (copy them to local disk)")
+        names = list(braceexpand(pattern))
+        missing = [name for name in names if not Path(name).is_file()]
+        if missing:
+            raise LdmError(
+                f"data.path pattern '{pattern}' names {len(names)} shards, {len(missing)} of which do not exist "
+                f"(the first is {missing[0]}): fix data.path"
+            )
+        shards.extend(names)
+    return shards
+
+
+def log_and_continue(exn: Exception) -> bool:
+    """A broken tar member: log it and read on (webdataset's handler protocol)."""
+    logger.warning("skipping unreadable tar data (%s: %s)", type(exn).__name__, exn)
+    return True
+
+
+def read_samples(shards: List[str]) -> Iterator[Dict]:
+    """Undecoded samples ({"__key__", "__url__", "jpg": bytes, ...}) of `shards`, in order."""
+    return wds.tarfile_samples([{"url": shard} for shard in shards], handler=log_and_continue)
+
+
+def decode(sample: Dict, transform: Callable) -> dict:
+    """{"pixel_values": transform(image), "caption": str}; raises on a broken sample."""
+    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if image_key is None:
+        raise ValueError(f"no image ({', '.join(IMAGE_KEYS)}) in the sample")
+    if "txt" in sample:
+        caption = sample["txt"].decode("utf-8")
+    elif "json" in sample:
+        meta = json.loads(sample["json"])
+        caption = meta.get("caption", meta.get("text"))
+        if not isinstance(caption, str):
+            raise ValueError('its json has no string "caption" or "text"')
+    else:
+        raise ValueError(f"no caption ({', '.join(CAPTION_KEYS)}) in the sample")
+    with Image.open(io.BytesIO(sample[image_key])) as image:
+        image.load()
+        return {"pixel_values": transform(image), "caption": caption.strip()}
+
+
+def sample_name(sample: Dict) -> str:
+    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+
+def shuffled(samples: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """A seeded shuffle buffer (webdataset's, with our generator so the order is reproducible)."""
+    buffer = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= size:
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardStream(IterableDataset):
+    """The samples of one process's shards, `len(self)` of them per epoch (see the module doc).
+
+    Built for all shards with rank 0 of 1; `for_process` gives a process its part.
+    `num_skipped` counts the undecodable samples met so far in this process.
+    """
+
+    def __init__(self, shards: List[str], num_samples: int, transform: Callable, seed: int = 0,
+                 rank: int = 0, world: int = 1, batch_size: int = 1, shuffle_buffer: int = SHUFFLE_BUFFER):
+        if len(shards) < world:
+            raise LdmError(
+                f"{len(shards)} webdataset shards for {world} processes: each process needs at least one shard "
+                f"(split the data into more shards, or use at most {len(shards)} processes)"
+            )
+        self.shards, self.num_samples, self.transform, self.seed = shards, num_samples, transform, seed
+        self.rank, self.world, self.batch_size, self.shuffle_buffer = rank, world, batch_size, shuffle_buffer
+        self.epoch, self.skip = 0, 0
+        self.skipped_keys: List[str] = []
+
+    def for_process(self, rank: int, world: int, batch_size: int, seed: int) -> "ShardStream":
+        """Process `rank` of `world`'s part, read with train.seed and train.batch_size."""
+        return ShardStream(self.shards, self.num_samples, self.transform, seed, rank, world, batch_size, self.shuffle_buffer)
+
+    @property
+    def my_shards(self) -> List[str]:
+        return self.shards[self.rank::self.world]
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_keys)
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world
+
+    def set_position(self, epoch: int, skip: int = 0) -> None:
+        """Start `epoch` at sample `skip` (samples already consumed in it are read past, not decoded)."""
+        self.epoch, self.skip = epoch, skip
+
+    def raw_stream(self) -> Iterator[Dict]:
+        """This epoch's undecoded samples, going round the shards for as long as asked."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        order = [self.my_shards[i] for i in rng.permutation(len(self.my_shards))]
+
+        def rounds():
+            while True:  # each round shuffles only within itself, so the first one yields every sample once
+                empty = True
+                samples = read_samples(order)
+                for sample in shuffled(samples, self.shuffle_buffer, rng) if self.shuffle_buffer > 1 else samples:
+                    empty = False
+                    yield sample
+                if empty:
+                    raise LdmError(f"the webdataset shards of process {self.rank} hold no samples: {order[0]} ...")
+
+        return rounds()
+
+    def mine(self, position: int) -> bool:
+        """Whether this DataLoader worker yields the sample at `position` (whole batches per worker)."""
+        info = get_worker_info()
+        # Counted from where this pass starts: the DataLoader asks worker 0 for its first batch.
+        return info is None or ((position - self.skip) // self.batch_size) % info.num_workers == info.id
+
+    def __iter__(self) -> Iterator[dict]:
+        end = len(self)
+        pending = 0  # positions of ours whose sample did not decode: the next good one fills them
+        failures = 0
+        for position, sample in enumerate(itertools.islice(self.raw_stream(), self.skip, None), start=self.skip):
+            ours = position < end and self.mine(position)
+            if position >= end and not pending:
+                return
+            if not (ours or pending):
+                continue
+            try:
+                item = decode(sample, self.transform)
+            except Exception as e:  # PIL and json raise many kinds on bad bytes
+                self.skipped_keys.append(sample_name(sample))
+                logger.warning("skipping undecodable sample %s (%s: %s)", sample_name(sample), type(e).__name__, e)
+                failures += 1
+                if failures > max(len(self), 10_000):
+                    raise LdmError(f"{failures} webdataset samples in a row did not decode (check the shards: {self.my_shards[0]} ...)")
+                pending += ours
+                continue
+            failures = 0
+            for _ in range(pending + ours):
+                yield item
+            pending = 0
+
+
+def build_webdataset(cfg, transform: Callable) -> ShardStream:
+    """The shards of a `DataConfig` with source 'webdataset', checked before training."""
+    shards = expand_shards(cfg.path)
+    if cfg.num_samples is None or cfg.num_samples < 1:
+        raise LdmError(
+            "data.num_samples must be set for data.source=webdataset (tar shards do not store their length): "
+            "count the samples, e.g. with ldm-cache, which prints them, or `tar tf SHARD | grep -c '\\.txt$'` per shard"
+        )
+    return ShardStream(shards, cfg.num_samples, transform)
