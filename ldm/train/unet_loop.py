@@ -16,13 +16,15 @@ from torchvision.utils import save_image
 
 from ldm.autoencoder import load_vae, vae_scale_factor
 from ldm.config import save_config
+from ldm.cache import check_cache
 from ldm.data import build_dataset
+from ldm.data.cached import Cached, Encoded, cached_dataset
 from ldm.errors import LdmError
 from ldm.objective import (
     add_noise, build_noise_scheduler, drop_captions, min_snr_weights, sample_noise, sample_timesteps, scale_latents,
     training_target,
 )
-from ldm.text_encoder import build_text_encoder, enable_gradient_checkpointing, encode_text, hidden_size, tokenize
+from ldm.text_encoder import build_text_encoder, enable_gradient_checkpointing, hidden_size
 from ldm.train.checkpoint import Checkpointer, TrainState, find_checkpoint, load_checkpoint
 from ldm.train.ema import build_ema, ema_weights
 from ldm.train.loader import batches_from, train_loader
@@ -62,7 +64,9 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
         )
     run = Run(cfg.train.output_dir)
     checkpoint = find_checkpoint(run.checkpoints, resume)
-    train_set = build_dataset(cfg.data, "train")
+    # data.cache: the latent distributions and text hidden states from ldm-cache, checked to fit this config.
+    cache = check_cache(cfg, vae) if cfg.data.cache else None
+    train_set = build_dataset(cfg.data, "train") if cache is None else cached_dataset(cfg, cache)
     accelerator = make_accelerator(cfg.train, run)
     loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator.num_processes)
 
@@ -94,6 +98,10 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    # What a batch turns into: z0 and the text context, from the encoders or from the cache.
+    inputs = Encoded(vae, text_encoder, tokenizer, weight_dtype, accelerator.device)
+    if cache is not None:
+        inputs = Cached(cfg.data.cache, cache, cfg.data.random_flip, inputs, accelerator.device)
     # Weights were drawn alike on every process; the training noise must differ between them.
     set_seed(cfg.train.seed, device_specific=True)
     run.start(accelerator, cfg, "unet")
@@ -141,11 +149,10 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
             batch = next(data)
             batches += 1
             with accelerator.accumulate(*trained):
-                with torch.no_grad():
-                    z0 = scale_latents(vae, vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample())
+                z0 = scale_latents(vae, inputs.posterior_sample(batch))
                 captions = drop_captions(batch["caption"], cfg.objective.caption_dropout)
                 with torch.set_grad_enabled(train_text):
-                    context = encode_text(text_encoder, tokenize(tokenizer, captions, accelerator.device))
+                    context = inputs.context(batch, captions)
                 noise = sample_noise(z0, cfg.objective.offset_noise)
                 t = sample_timesteps(noise_scheduler, len(z0), z0.device)
                 z_t = add_noise(noise_scheduler, z0, noise, t)
