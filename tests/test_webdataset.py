@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from ldm.data.transforms import image_transform
 from ldm.data.webdataset import ShardStream, expand_shards
 from ldm.errors import LdmError
 from ldm.train.loader import StreamLoader
+from test_train_unet import tiny, vae_dir  # noqa: F401 - vae_dir is a fixture
 
 RES = 8
 
@@ -147,3 +149,37 @@ def test_workers_give_the_same_batches(tmp_path):
     alone = batches(0, 0)
     assert len(alone) == 6 and batches(2, 0) == alone
     assert batches(2, 1) == alone[1:]  # resumed one batch in, with two workers
+
+
+# ---------------------------------------------------------------- through the stage-2 trainer
+
+
+def test_training_on_shards_resumes_bit_identically(tmp_path, vae_dir):
+    """5 batches of 4 an epoch; stopped at step 3 (mid-epoch), resumed to step 6 (into epoch 2)."""
+    from safetensors.torch import load_file
+
+    from ldm.cli.train_unet import main
+    
+    data = ["data.source=webdataset", f"data.path={write_shards(tmp_path)}", "data.num_samples=20",
+            "data.random_flip=true", "train.max_steps=6", "train.checkpoints_total_limit=null"]
+    run = tmp_path / "unet"
+    assert main(tiny(run, vae_dir, *data, "train.checkpoint_every=3")) == 0
+    straight = load_file(str(run / "checkpoints/step-000006/model.safetensors"))
+    for stale in ("checkpoints/step-000006", "final"):
+        shutil.rmtree(run / stale)
+    assert main(tiny(run, vae_dir, *data, "train.checkpoint_every=1", "--resume", "auto")) == 0
+    resumed = load_file(str(run / "checkpoints/step-000006/model.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_ldm_cache_counts_and_encodes_shards(tmp_path, vae_dir, capsys):
+    from ldm.cli.cache import main as cache_main
+    from ldm.cli.train_unet import main
+    
+    data = ["data.source=webdataset", f"data.path={write_shards(tmp_path, corrupt={7})}"]
+    assert cache_main(tiny(tmp_path / "unused", vae_dir, *data) + ["--out", str(tmp_path / "cache")]) == 0
+    index = json.loads((tmp_path / "cache/index.json").read_text())
+    assert index["num_samples"] == 19 and [s["num_samples"] for s in index["shards"]] == [5, 4, 5, 5]
+    assert "19 samples in 4 shards" in capsys.readouterr().out
+    # Training from the cache needs no data.num_samples: the index counts them.
+    assert main(tiny(tmp_path / "unet", vae_dir, *data, f"data.cache={tmp_path / 'cache'}", "train.max_steps=1")) == 0

@@ -74,7 +74,9 @@ def stream_loader(dataset: ShardStream, batch_size: int, num_workers: int, seed:
             f"each (train.batch_size={batch_size}): lower train.batch_size or check data.num_samples"
         )
     # No persistent workers: each epoch's position is set on the data set before its workers start.
-    loader = DataLoader(part, batch_size=batch_size, num_workers=num_workers, drop_last=True)
+    # generator: as in train_loader, so that starting an iterator never draws from the training RNG.
+    loader = DataLoader(part, batch_size=batch_size, num_workers=num_workers, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
     return StreamLoader(loader, state.device)
 
 
