@@ -3,18 +3,24 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
 from safetensors.torch import load_file
 
 from ldm.cli.train_vae import main
-from ldm.config import VAELossConfig
-from ldm.vae_loss import psnr, vae_loss
+from ldm.config import VAEStageConfig, load_config
+from ldm.vae_loss import vae_loss
+from lpips_files import write_lpips_weights
 
 SD_SCALING_FACTOR = 0.18215
+KL_F8 = Path(__file__).resolve().parent.parent / "configs/vae/kl-f8.yaml"
+# A discriminator switched on at the second step (step index 1), small enough for 16x16 images.
+GAN = ["loss.discriminator_start=1", "loss.discriminator_channels=8", "loss.discriminator_layers=2"]
+GAN_PARTS = {"g_loss", "d_weight", "disc_loss", "logits_real", "logits_fake"}
 
 
 def tiny(out, *extra):
@@ -52,7 +58,12 @@ def test_two_steps_write_the_run_folder(tmp_path):
     logged = [r for r in records(run) if "loss" in r]
     assert [r["step"] for r in logged] == [1, 2]
     assert all(r["images_per_s"] > 0 and math.isfinite(r["loss"]) for r in logged)
-    assert any("val_psnr" in r for r in records(run))
+    assert not GAN_PARTS & set(logged[-1]) and "perceptual" not in logged[-1]  # both off by default
+    # Validation at the end: PSNR (dB), SSIM and MAE on [0, 1], and the grid of 4 held-out
+    # images (16x16, 1-pixel gaps) over their reconstructions.
+    [val] = [r for r in records(run) if "val_psnr" in r]
+    assert val["step"] == 2 and 0 < val["val_psnr"] < 60 and -1 < val["val_ssim"] < 1 and 0 < val["val_mae"] < 1
+    assert Image.open(run / "samples/step-000002.png").size == (4 * 17 + 1, 2 * 17 + 1)
 
 
 def test_time_budget_stops_early_and_still_saves(tmp_path, capsys):
@@ -71,27 +82,54 @@ def final_weights(run):
     return load_file(str(run / "final/diffusion_pytorch_model.safetensors"))
 
 
-def test_resume_from_a_checkpoint_is_bit_identical(tmp_path):
-    """4 steps straight vs. stopped at step 2 and resumed; the data crosses an epoch at step 3."""
+def checkpoint_tensors(folder):
+    """The model weights (autoencoder, discriminator) and EMA weights a checkpoint folder holds."""
+    tensors = {f"{p.name}:{k}": v for p in sorted(folder.glob("model*.safetensors")) for k, v in load_file(str(p)).items()}
+    if (folder / "custom_checkpoint_0.pkl").is_file():
+        ema = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False)
+        tensors.update({f"ema:{i}": t for i, t in enumerate(ema["shadow_params"])})
+        tensors["ema:step"] = torch.tensor(ema["optimization_step"])
+    return tensors
+
+
+def all_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra", [[], GAN + ["ema.enabled=true", "ema.decay=0.9"]], ids=["plain", "gan-and-ema"])
+def test_resume_from_a_checkpoint_is_bit_identical(tmp_path, extra):
+    """4 steps straight vs. stopped at step 2 and resumed; the data crosses an epoch at step 3.
+    gan-and-ema: the discriminator trains from step 2 on, across the interruption, and both
+    optimizers, schedulers and the EMA come back from the checkpoint."""
     run = tmp_path / "vae"
-    common = ["train.max_steps=4", "train.lr_scheduler=cosine", "train.lr_warmup_steps=1", "train.checkpoints_total_limit=null"]
+    common = ["train.max_steps=4", "train.lr_scheduler=cosine", "train.lr_warmup_steps=1", "train.checkpoints_total_limit=null", *extra]
     assert main(tiny(run, *common, "train.checkpoint_every=2")) == 0
     straight = final_weights(run)
     straight_factor = json.loads((run / "final/config.json").read_text())["scaling_factor"]
+    straight_state = checkpoint_tensors(run / "checkpoints/step-000004")
 
     # Stop at step 2: the later checkpoint and the final model are gone.
     shutil.rmtree(run / "checkpoints/step-000004")
     shutil.rmtree(run / "final")
-    # Checkpointing (and validating) at every step on the way must not change the result.
-    assert main(tiny(run, *common, "train.checkpoint_every=1", "--resume", "auto")) == 0
+    # Checkpointing and validating at every step on the way must not change the result.
+    assert main(tiny(run, *common, "train.checkpoint_every=1", "validation.every=1", "--resume", "auto")) == 0
     resumed = final_weights(run)
 
     # It did resume: steps 3 and 4 were checkpointed again, step 1 never.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000003", "step-000004"]
-    assert straight.keys() == resumed.keys()
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert all_equal(straight, resumed)
+    resumed_state = checkpoint_tensors(run / "checkpoints/step-000004")
+    assert all_equal(straight_state, resumed_state)
     assert json.loads((run / "final/config.json").read_text())["scaling_factor"] == straight_factor
-    assert [r["step"] for r in records(run) if "loss" in r] == [1, 2, 3, 4]  # steps 3-4 not logged twice
+    logged = [r for r in records(run) if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]  # steps 3-4 not logged twice
+    if extra:
+        assert len([k for k in straight_state if k.startswith("model_1")]) > 0  # the discriminator is saved
+        assert not GAN_PARTS & set(logged[0]) and all(GAN_PARTS <= set(r) for r in logged[1:])
+        assert all(r["d_weight"] > 0 for r in logged[1:])
+        # The final VAE holds the EMA weights, not the raw ones.
+        raw = load_file(str(run / "checkpoints/step-000004/model.safetensors"))
+        assert not torch.equal(raw["vae.decoder.conv_out.weight"], resumed["decoder.conv_out.weight"])
 
 
 def test_interrupt_saves_a_checkpoint_to_resume_from(tmp_path, monkeypatch):
@@ -149,6 +187,97 @@ def test_bad_names_are_caught_before_training(tmp_path, capsys):
     assert "loss.reconstruction" in one_line_error(capsys, tiny(tmp_path / "v", "loss.reconstruction=l3"))
     assert "train.lr_scheduler" in one_line_error(capsys, tiny(tmp_path / "v", "train.lr_scheduler=nope"))
     assert "train.mixed_precision" in one_line_error(capsys, tiny(tmp_path / "v", "train.mixed_precision=fp8"))
+    assert "loss.discriminator_loss" in one_line_error(capsys, tiny(tmp_path / "v", "loss.discriminator_loss=wgan"))
+
+
+def test_bad_values_are_caught_before_training(tmp_path, capsys):
+    assert "validation.every" in one_line_error(capsys, tiny(tmp_path / "v", "validation.every=0"))
+    assert "loss.kl_weight" in one_line_error(capsys, tiny(tmp_path / "v", "loss.kl_weight=-1"))
+    err = one_line_error(capsys, tiny(tmp_path / "v", *GAN, "loss.discriminator_layers=3"))  # 16 px: no logits left
+    assert "loss.discriminator_layers=3" in err and "24" in err
+    assert not (tmp_path / "v").exists()
+
+
+def test_missing_lpips_weights_stop_before_training(tmp_path, capsys):
+    err = one_line_error(capsys, tiny(tmp_path / "v", "loss.perceptual_weight=1.0"))
+    assert "loss.lpips_vgg_weights" in err and "vgg16-397923af.pth" in err and "nothing is downloaded" in err
+    err = one_line_error(capsys, tiny(
+        tmp_path / "v", "loss.perceptual_weight=1.0",
+        f"loss.lpips_vgg_weights={tmp_path / 'vgg.pth'}", f"loss.lpips_linear_weights={tmp_path / 'lin.pth'}",
+    ))
+    assert "no file at" in err and "vgg.pth" in err
+    assert not (tmp_path / "v").exists()  # nothing written before the checks pass
+
+
+def test_a_checkpoint_without_a_discriminator_is_not_resumed_with_one(tmp_path, capsys):
+    run = tmp_path / "vae"
+    assert main(tiny(run, "train.max_steps=1")) == 0
+    capsys.readouterr()  # the progress bar of that run
+    err = one_line_error(capsys, tiny(run, "train.max_steps=2", *GAN, "--resume", "auto"))
+    assert "without a discriminator" in err and "loss.discriminator_start" in err
+
+
+def write_images(folder, n, size):
+    """`n` random-noise PNGs with captions, an image folder as users have them."""
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"image {i}")
+    return folder
+
+
+def test_kl_f8_config_is_stable_diffusions_layout():
+    cfg = load_config(VAEStageConfig, str(KL_F8))
+    assert cfg.model.block_out_channels == [128, 256, 512, 512] and cfg.model.latent_channels == 4
+    assert cfg.model.layers_per_block == 2 and cfg.data.resolution == 256
+    loss = cfg.loss
+    assert (loss.perceptual_weight, loss.discriminator_start, loss.discriminator_weight, loss.discriminator_loss) == (
+        1.0, 50001, 0.5, "hinge")
+    # LDM's kl_weight 1e-6 is against a per-image sum over 3 x 256 x 256 values; ours a per-pixel mean.
+    assert loss.kl_weight * 3 * 256 * 256 == pytest.approx(1e-6, rel=1e-3)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state, fixed at the first Accelerator's mixed precision:
+    a test in another precision starts from a cleared state and leaves one cleared behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_kl_f8_trains_with_lpips_and_the_discriminator(tmp_path):
+    """kl-f8 at a reduced size (channels 8-32, 32x32 images, factor 8): LPIPS from local files
+    and the discriminator from the second step (in float32: bf16 convolutions are ~5x slower
+    on CPU; the bf16 test below runs the same loop on a smaller model)."""
+    vgg, lin = write_lpips_weights(tmp_path)
+    images = write_images(tmp_path / "images", 12, 40)
+    run = tmp_path / "kl-f8"
+    argv = [
+        "--config", str(KL_F8), f"train.output_dir={run}", f"data.path={images}",
+        "model.block_out_channels=[8,16,32,32]", "model.norm_num_groups=8", "data.resolution=32",
+        "data.num_workers=0", "data.num_validation=4", "train.batch_size=4", "train.max_steps=3",
+        "train.log_every=1", "train.checkpoint_every=1", "train.learning_rate=1e-3", "scale_samples=8",
+        f"loss.lpips_vgg_weights={vgg}", f"loss.lpips_linear_weights={lin}",
+        "loss.discriminator_start=1", "loss.discriminator_channels=8", "train.mixed_precision='no'",
+    ]
+    assert main(argv) == 0
+
+    vae = AutoencoderKL.from_pretrained(str(run / "final"))
+    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4
+    assert vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape == (1, 4, 4, 4)  # factor 8
+    logged = [r for r in records(run) if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    assert all(r["perceptual"] > 0 and math.isfinite(r["loss"]) for r in logged)
+    assert not GAN_PARTS & set(logged[0]) and all(GAN_PARTS <= set(r) for r in logged[1:])
+    # The discriminator trained from step 2 on: untouched by step 1, changed by step 3.
+    disc = [load_file(str(run / f"checkpoints/step-00000{i}/model_1.safetensors")) for i in (1, 3)]
+    assert disc[0].keys() == disc[1].keys()
+    assert not all(torch.equal(disc[0][k], disc[1][k]) for k in disc[0] if k.endswith("weight"))
 
 
 def test_help_shows_overrides(capsys):
@@ -159,24 +288,16 @@ def test_help_shows_overrides(capsys):
     assert "key=value" in out and "train.max_steps=" in out and "--resume" in out
 
 
-# ---------------------------------------------------------------- the loss
+def test_bf16_mixed_precision_with_the_discriminator(tmp_path, fresh_accelerate_state):
+    """Both optimizers under bf16 autocast: the losses come out close to float32's but not equal
+    (autocast is really on), and the weights stay float32."""
+    common = [*GAN, "train.max_steps=2", "train.checkpoint_every=100"]
+    assert main(tiny(tmp_path / "bf16", *common, "train.mixed_precision=bf16")) == 0
+    from accelerate.state import AcceleratorState
 
-
-def test_kl_and_reconstruction_match_their_formulas():
-    torch.manual_seed(0)
-    mean, logvar = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
-    posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
-    x, x_hat = torch.rand(2, 3, 6, 6, dtype=torch.float64), torch.rand(2, 3, 6, 6, dtype=torch.float64)
-    # KL(N(mu, sigma^2) || N(0, 1)) = 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2), averaged over the batch.
-    kl = (0.5 * (mean**2 + logvar.exp() - 1 - logvar)).sum(dim=(1, 2, 3)).mean()
-    loss, parts = vae_loss(x, x_hat, posterior, VAELossConfig(reconstruction="l1", kl_weight=0.01))
-    assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-6)
-    assert loss.item() == pytest.approx(((x - x_hat).abs().mean() + 0.01 * kl).item(), rel=1e-6)
-    loss2, _ = vae_loss(x, x_hat, posterior, VAELossConfig(reconstruction="l2", kl_weight=0.0))
-    assert loss2.item() == pytest.approx(((x - x_hat) ** 2).mean().item(), rel=1e-6)
-
-
-def test_psnr():
-    x = torch.zeros(1, 3, 4, 4)
-    # An error of 0.2 on [-1, 1] is 0.1 on [0, 1]: PSNR = 10 log10(1 / 0.01) = 20 dB.
-    assert psnr(x, x + 0.2).item() == pytest.approx(20.0, rel=1e-5)
+    AcceleratorState._reset_state()
+    assert main(tiny(tmp_path / "fp32", *common)) == 0
+    bf16, fp32 = ([r for r in records(tmp_path / name) if "loss" in r] for name in ("bf16", "fp32"))
+    for key in ("rec_loss", "disc_loss"):
+        assert bf16[-1][key] == pytest.approx(fp32[-1][key], rel=0.05) and bf16[-1][key] != fp32[-1][key]
+    assert all(t.dtype == torch.float32 for t in final_weights(tmp_path / "bf16").values())
