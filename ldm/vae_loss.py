@@ -35,14 +35,17 @@ def check_loss_config(cfg) -> None:
         if getattr(cfg, key) < 0:
             raise LdmError(f"loss.{key} must be 0 or more, got {getattr(cfg, key)}")
     if cfg.discriminator_loss not in DISCRIMINATOR_LOSSES:
-        raise LdmError(f"loss.discriminator_loss must be one of {', '.join(DISCRIMINATOR_LOSSES)}, got '{cfg.discriminator_loss}'")
+        names = ", ".join(DISCRIMINATOR_LOSSES)
+        raise LdmError(f"loss.discriminator_loss must be one of {names}, got '{cfg.discriminator_loss}'")
     if cfg.discriminator_start is not None and cfg.discriminator_start < 0:
         raise LdmError(f"loss.discriminator_start must be 0 or more (or null: no discriminator), got {cfg.discriminator_start}")
     for key in ("discriminator_layers", "discriminator_channels"):
         if getattr(cfg, key) < 1:
             raise LdmError(f"loss.{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.discriminator_learning_rate is not None and cfg.discriminator_learning_rate <= 0:
-        raise LdmError(f"loss.discriminator_learning_rate must be positive (or null: train.learning_rate), got {cfg.discriminator_learning_rate}")
+        raise LdmError(
+            f"loss.discriminator_learning_rate must be positive (or null: train.learning_rate), got {cfg.discriminator_learning_rate}"
+        )
     if cfg.perceptual_weight > 0:
         check_lpips_files(cfg)
 

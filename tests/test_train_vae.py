@@ -40,7 +40,8 @@ def records(run):
 
 def test_two_steps_write_the_run_folder(tmp_path):
     run = tmp_path / "vae"
-    assert main(tiny(run, "train.max_steps=2", "train.checkpoint_every=1", "train.checkpoints_total_limit=1")) == 0
+    argv = tiny(run, "train.max_steps=2", "train.checkpoint_every=1", "train.checkpoints_total_limit=1", "per_channel_stats=true")
+    assert main(argv) == 0
 
     assert (run / "config.yaml").is_file()
     # checkpoints_total_limit=1 keeps the newest only; temporary folders never stay behind.
@@ -53,6 +54,7 @@ def test_two_steps_write_the_run_folder(tmp_path):
     measured = [r for r in records(run) if "scaling_factor" in r]
     assert len(measured) == 1 and config["scaling_factor"] == pytest.approx(measured[0]["scaling_factor"])
     assert abs(config["scaling_factor"] - SD_SCALING_FACTOR) > 1e-3  # measured, not the SD constant
+    assert len(config["latents_mean"]) == len(config["latents_std"]) == 4  # per latent channel
     AutoencoderKL.from_pretrained(str(run / "final"))
 
     logged = [r for r in records(run) if "loss" in r]
@@ -64,6 +66,18 @@ def test_two_steps_write_the_run_folder(tmp_path):
     [val] = [r for r in records(run) if "val_psnr" in r]
     assert val["step"] == 2 and 0 < val["val_psnr"] < 60 and -1 < val["val_ssim"] < 1 and 0 < val["val_mae"] < 1
     assert Image.open(run / "samples/step-000002.png").size == (4 * 17 + 1, 2 * 17 + 1)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path, monkeypatch):
+    import ldm.train.vae_loop as vae_loop
+
+    built, build_vae = [], vae_loop.build_vae
+    monkeypatch.setattr(vae_loop, "build_vae", lambda *a: built.append(build_vae(*a)) or built[-1])
+    for name, flag in (("plain", "false"), ("recomputed", "true")):
+        assert main(tiny(tmp_path / name, *GAN, "train.max_steps=2", f"train.gradient_checkpointing={flag}")) == 0
+    assert [vae.is_gradient_checkpointing for vae in built] == [False, True]
+    plain, recomputed = final_weights(tmp_path / "plain"), final_weights(tmp_path / "recomputed")
+    assert all(torch.allclose(plain[k], recomputed[k], atol=1e-6) for k in plain)
 
 
 def test_time_budget_stops_early_and_still_saves(tmp_path, capsys):

@@ -66,7 +66,9 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
     # ---- 1. Check what can be checked before anything slow.
     check_stage_config(cfg)
     # LPIPS' weight files are read now, so a wrong file fails before any data or model is built.
-    lpips = LPIPS.from_files(cfg.loss.lpips_vgg_weights, cfg.loss.lpips_linear_weights) if cfg.loss.perceptual_weight > 0 else None
+    lpips = None
+    if cfg.loss.perceptual_weight > 0:
+        lpips = LPIPS.from_files(cfg.loss.lpips_vgg_weights, cfg.loss.lpips_linear_weights)
     run = Run(cfg.train.output_dir)
     checkpoint = find_checkpoint(run.checkpoints, resume)
     if checkpoint is not None:
