@@ -76,6 +76,12 @@ class TrainConfig:
     # writes) before the collective times out.
     process_group_timeout_minutes: float = 60.0
 
+    def __post_init__(self):
+        # YAML 1.1 reads a bare `no` as false, so `train.mixed_precision=no` (accelerate's
+        # own spelling) would arrive as the string "False".
+        if self.mixed_precision in ("False", "false"):
+            self.mixed_precision = "no"
+
 
 @dataclass
 class EMAConfig:

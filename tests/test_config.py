@@ -50,3 +50,12 @@ def test_saved_config_loads_back(tmp_path):
     cfg = load_config(UNetStageConfig, str(CONFIGS / "unet/shapes.yaml"), ["train.max_steps=3"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(UNetStageConfig, str(tmp_path / "config.yaml")) == cfg
+
+
+def test_mixed_precision_no_survives_yaml(tmp_path):
+    """A bare `no` is YAML 1.1's false; it must still mean accelerate's "no"."""
+    assert load_config(VAEStageConfig, overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(VAEStageConfig, str(path)).train.mixed_precision == "no"
+    assert load_config(VAEStageConfig, overrides=["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
