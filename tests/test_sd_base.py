@@ -86,7 +86,19 @@ def image_folder(tmp_path_factory):
     return folder
 
 
-def test_sd_base_training_settings_run_through_the_loop(tmp_path, f8_vae_dir, image_folder):
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one state per process, fixed by the first Accelerator (mixed
+    precision included): a bf16 run after the suite's fp32 ones needs a fresh state, as a
+    new process has; and the tests after it need theirs back."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_sd_base_training_settings_run_through_the_loop(tmp_path, f8_vae_dir, image_folder, fresh_accelerate_state):
     """One step with everything from sd-base.yaml but the U-Net's width, the data size and the weights files."""
     import json
 
