@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from ldm.config import save_config
@@ -70,8 +70,8 @@ class Run:
 
 
 def make_accelerator(cfg, run: Run) -> Accelerator:
-    """Accelerate does the plumbing only: devices, DDP/FSDP, mixed precision, accumulation."""
-    return Accelerator(
+    """Accelerate does the plumbing only: devices, DDP/DeepSpeed, mixed precision, accumulation."""
+    accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard",
@@ -80,6 +80,24 @@ def make_accelerator(cfg, run: Run) -> Accelerator:
         # checkpoints; the default 10-30 min collective timeout can kill a big job there.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.process_group_timeout_minutes))],
     )
+    check_distributed_type(accelerator)
+    return accelerator
+
+
+def check_distributed_type(accelerator: Accelerator) -> None:
+    """Refuse FSDP up front rather than hang or save a shard hours in.
+
+    The loops keep a full-parameter EMA, sample validation grids on the main process
+    alone and save the final model from it: all three need whole parameters, which FSDP
+    gathers only when every process joins in. DDP and DeepSpeed ZeRO-2 keep whole
+    parameters on every process.
+    """
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise LdmError(
+            "FSDP is not supported by the training loops yet (EMA, validation and the final save need whole "
+            "parameters): launch with configs/accelerate/multi_gpu.yaml (DDP) or deepspeed_zero2.yaml, "
+            "with train.gradient_checkpointing=true and train.mixed_precision=bf16 to save memory"
+        )
 
 
 class Reporter:
