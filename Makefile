@@ -24,5 +24,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+bench: $(STAMP)
+	$(BIN)/python bench/cache_speed.py --threads 1 --json runs/bench-cache/cache_speed.json
+
 clean:
 	rm -rf runs/demo .pytest_cache
