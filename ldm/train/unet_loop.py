@@ -1,8 +1,9 @@
 """Stage 2: train the text-conditioned U-Net on the latents of the frozen stage-1 VAE.
 
 Reads top to bottom: check the config, load the VAE, build text encoder, U-Net, EMA and
-data, resume, the loop (Rombach et al. 2022, eq. 2: || eps - eps_theta(z_t, t, tau(y)) ||^2
-with z = scaling_factor * E(x)), then the final model folder, sampled with DDIM.
+data (images, or the posteriors and hidden states of an ldm-cache folder), resume, the
+loop (Rombach et al. 2022, eq. 2: || eps - eps_theta(z_t, t, tau(y)) ||^2 with
+z = scaling_factor * E(x)), then the final model folder, sampled with DDIM.
 """
 
 from pathlib import Path
