@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
+from ldm.autoencoder import build_vae
 from ldm.cli.train_vae import main
 from ldm.config import VAEStageConfig, load_config
 from ldm.vae_loss import vae_loss
@@ -251,6 +252,9 @@ def test_kl_f8_config_is_stable_diffusions_layout():
         1.0, 50001, 0.5, "hinge")
     # LDM's kl_weight 1e-6 is against a per-image sum over 3 x 256 x 256 values; ours a per-pixel mean.
     assert loss.kl_weight * 3 * 256 * 256 == pytest.approx(1e-6, rel=1e-3)
+    with torch.device("meta"):  # the full-size model, without allocating it
+        vae = build_vae(cfg.model, cfg.data.resolution)
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # Stable Diffusion's VAE
 
 
 @pytest.fixture
