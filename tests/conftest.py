@@ -120,3 +120,17 @@ def tiny_model_dir(tmp_path_factory, tiny_vae, open_clip_text_encoder, open_clip
     pipe.save_pretrained(str(folder))
     (folder / "ldm_config.yaml").write_text("# written by the U-Net trainer\n")
     return folder
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory):
+    """A stage-1 folder as train_vae.py writes it (factor 2, scaling factor 0.7), untrained."""
+    from ldm.autoencoder import build_vae
+    from ldm.config import VAEModelConfig
+
+    torch.manual_seed(0)
+    vae = build_vae(VAEModelConfig(block_out_channels=[8, 16], norm_num_groups=8), sample_size=16)
+    vae.register_to_config(scaling_factor=0.7)
+    folder = tmp_path_factory.mktemp("vae") / "final"
+    vae.save_pretrained(str(folder))
+    return folder

@@ -15,7 +15,7 @@ from ldm.config import UNetStageConfig, load_config
 from ldm.data import build_dataset
 from ldm.data.cached import Cached
 from ldm.text_encoder import build_text_encoder, encode_text, tokenize
-from test_train_unet import one_line_error, records, tiny, vae_dir  # noqa: F401 - vae_dir is a fixture
+from test_train_unet import one_line_error, records, tiny
 
 FLIPS = "data.random_flip=true"
 

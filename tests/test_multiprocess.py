@@ -22,8 +22,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm.autoencoder import build_vae
-from ldm.config import VAEModelConfig
 
 SCRIPT = Path(__file__).with_name("two_rank_train.py")
 NUM_VALIDATION, NUM_IMAGES, PER_PROCESS, STEPS = 4, 20, 2, 4
@@ -49,17 +47,6 @@ def weights(report: Path, phase: str, rank: int) -> dict:
 
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    """A stage-1 folder (factor 2, scaling factor 0.7), untrained."""
-    torch.manual_seed(0)
-    vae = build_vae(VAEModelConfig(block_out_channels=[8, 16], norm_num_groups=8), sample_size=16)
-    vae.register_to_config(scaling_factor=0.7)
-    folder = tmp_path_factory.mktemp("vae") / "final"
-    vae.save_pretrained(str(folder))
-    return folder
 
 
 def arguments(run: Path, vae_dir: Path) -> list:

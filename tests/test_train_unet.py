@@ -7,22 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm.autoencoder import build_vae
 from ldm.cli.train_unet import main
-from ldm.config import UNetStageConfig, VAEModelConfig, load_config
+from ldm.config import UNetStageConfig, load_config
 
 PROMPTS = "validation.prompts=[a red circle,a blue square]"
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    """A stage-1 folder as train_vae.py writes it (factor 2, scaling factor 0.7), untrained."""
-    torch.manual_seed(0)
-    vae = build_vae(VAEModelConfig(block_out_channels=[8, 16], norm_num_groups=8), sample_size=16)
-    vae.register_to_config(scaling_factor=0.7)
-    folder = tmp_path_factory.mktemp("vae") / "final"
-    vae.save_pretrained(str(folder))
-    return folder
 
 
 def tiny(out, vae_dir, *extra):

@@ -18,7 +18,7 @@ from ldm.data.transforms import image_transform
 from ldm.data.webdataset import ShardStream, expand_shards
 from ldm.errors import LdmError
 from ldm.train.loader import StreamLoader
-from test_train_unet import tiny, vae_dir  # noqa: F401 - vae_dir is a fixture
+from test_train_unet import tiny
 
 RES = 8
 
