@@ -26,12 +26,13 @@ from ldm.objective import (
     training_target,
 )
 from ldm.text_encoder import build_text_encoder, enable_gradient_checkpointing, hidden_size
+from ldm.train.cadence import Cadence
 from ldm.train.checkpoint import Checkpointer, TrainState, find_checkpoint, load_checkpoint
 from ldm.train.ema import build_ema, ema_weights
 from ldm.train.loader import batches_from, train_loader
 from ldm.train.optim import build_lr_scheduler, build_optimizer
 from ldm.train.run import (
-    Reporter, Run, TimeBudget, check_train_config, make_accelerator, replace_folder, rng_untouched, staging_folder,
+    Reporter, Run, check_train_config, make_accelerator, replace_folder, rng_untouched, staging_folder,
 )
 from ldm.unet import build_unet
 
@@ -141,10 +142,9 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
 
     # ---- 3. The loop: one optimizer step per `gradient_accumulation_steps` batches.
     report = Reporter(accelerator, run, cfg.train.max_steps, state.step, unit="samples")
-    budget = TimeBudget(cfg.train.max_minutes)
+    cadence = Cadence(accelerator, cfg.train, cfg.validation.every, report, checkpoints, validate, lr_scheduler, len(loader))
     data = batches_from(accelerator, loader, state.batches)
     step, batches = state.step, state.batches
-    validated_step = None
     try:
         while step < cfg.train.max_steps:
             batch = next(data)
@@ -174,29 +174,12 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
                 ema.step(accelerator.unwrap_model(unet).parameters())
             step += 1
             state = TrainState(step, batches)  # a consistent point to checkpoint at
-            report.step()
-            if step % cfg.train.log_every == 0:
-                report.log(step, epoch=batches / len(loader), lr=lr_scheduler.get_last_lr()[0])
-            if step % cfg.train.checkpoint_every == 0:
-                with report.paused():
-                    checkpoints.save(state)
-            if step % cfg.validation.every == 0:
-                with report.paused():
-                    validate(step)
-                    validated_step = step
-            if budget.spent(accelerator):
-                accelerator.print(f"train.max_minutes={cfg.train.max_minutes} spent: stopping at step {step}")
+            if cadence.after_step(state):
                 break
     except KeyboardInterrupt:
-        path = checkpoints.save_if_new(state)
-        if path is not None:
-            accelerator.print(f"\ninterrupted: saved {path}; continue with --resume auto")
-        report.close()
+        cadence.interrupted(state)
         raise
-    checkpoints.save_if_new(state)
-    if state.step != validated_step:
-        validate(state.step)
-    report.close()
+    cadence.finish(state)
 
     # ---- 4. The final model folder: the pipeline with the EMA weights, in float32.
     accelerator.wait_for_everyone()

@@ -26,12 +26,13 @@ from ldm.discriminator import NLayerDiscriminator, logit_map_size
 from ldm.errors import LdmError
 from ldm.image_metrics import SSIM_WINDOW, mean_absolute_error, psnr, ssim
 from ldm.lpips import LPIPS
+from ldm.train.cadence import Cadence
 from ldm.train.checkpoint import Checkpointer, TrainState, find_checkpoint, load_checkpoint
 from ldm.train.ema import build_ema, ema_weights
 from ldm.train.loader import EpochShuffle, batches_from, train_loader
 from ldm.train.optim import build_lr_scheduler, build_optimizer
 from ldm.train.run import (
-    Reporter, Run, TimeBudget, check_train_config, make_accelerator, replace_folder, rng_untouched, staging_folder,
+    Reporter, Run, check_train_config, make_accelerator, replace_folder, rng_untouched, staging_folder,
 )
 from ldm.vae_loss import check_loss_config, discriminator_loss, vae_loss
 
@@ -136,10 +137,9 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
 
     # ---- 3. The loop: one optimizer step (of each optimizer) per `gradient_accumulation_steps` batches.
     report = Reporter(accelerator, run, cfg.train.max_steps, state.step, unit="images")
-    budget = TimeBudget(cfg.train.max_minutes)
+    cadence = Cadence(accelerator, cfg.train, cfg.validation.every, report, checkpoints, validate, lr_scheduler, len(loader))
     data = batches_from(accelerator, loader, state.batches)
     step, batches = state.step, state.batches
-    validated_step = None
     last_layer = vae.decoder.conv_out.weight  # where the adaptive weight compares gradients
     model.train()
     if disc is not None:
@@ -179,29 +179,12 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
                 ema.step(vae.parameters())
             step += 1
             state = TrainState(step, batches)  # a consistent point to checkpoint at
-            report.step()
-            if step % cfg.train.log_every == 0:
-                report.log(step, epoch=batches / len(loader), lr=lr_scheduler.get_last_lr()[0])
-            if step % cfg.train.checkpoint_every == 0:
-                with report.paused():
-                    checkpoints.save(state)
-            if step % cfg.validation.every == 0:
-                with report.paused():
-                    validate(step)
-                    validated_step = step
-            if budget.spent(accelerator):
-                accelerator.print(f"train.max_minutes={cfg.train.max_minutes} spent: stopping at step {step}")
+            if cadence.after_step(state):
                 break
     except KeyboardInterrupt:
-        path = checkpoints.save_if_new(state)
-        if path is not None:
-            accelerator.print(f"\ninterrupted: saved {path}; continue with --resume auto")
-        report.close()
+        cadence.interrupted(state)
         raise
-    checkpoints.save_if_new(state)
-    if state.step != validated_step:
-        validate(state.step)
-    report.close()
+    cadence.finish(state)
 
     # ---- 4. The final VAE (EMA weights when enabled): measured latent statistics, a diffusers folder.
     accelerator.wait_for_everyone()
