@@ -15,7 +15,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from ldm.errors import LdmError
 from ldm.train.run import replace_folder, staging_folder
@@ -113,3 +113,22 @@ def load_checkpoint(accelerator, path, batches_per_epoch: int) -> TrainState:
             f"{batches_per_epoch}: the data order will differ from the original run's"
         )
     return TrainState(step=int(info["step"]), batches=int(info["batches"]))
+
+
+def start_or_resume(accelerator, checkpoint: Optional[Path], resume: Optional[str], folder, batches_per_epoch: int,
+                    total_limit: Optional[int], ema=None) -> Tuple[TrainState, Checkpointer]:
+    """Where the loop starts (step 0, or `checkpoint` restored) and the run's Checkpointer.
+
+    Call it after every model, optimizer, scheduler and the EMA are prepared/registered:
+    `accelerator.load_state` restores into them.
+    """
+    state = TrainState()
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint, batches_per_epoch)
+        if ema is not None:
+            ema.to(accelerator.device)  # accelerate loads registered objects onto the CPU
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    elif resume is not None:
+        accelerator.print(f"no checkpoint in {folder} yet: starting afresh")
+    saved_step = state.step if checkpoint is not None else None  # a resumed run starts with its step saved
+    return state, Checkpointer(accelerator, folder, batches_per_epoch, total_limit, saved_step=saved_step)

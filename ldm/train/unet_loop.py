@@ -27,7 +27,7 @@ from ldm.objective import (
 )
 from ldm.text_encoder import build_text_encoder, enable_gradient_checkpointing, hidden_size
 from ldm.train.cadence import Cadence
-from ldm.train.checkpoint import Checkpointer, TrainState, find_checkpoint, load_checkpoint
+from ldm.train.checkpoint import TrainState, find_checkpoint, start_or_resume
 from ldm.train.ema import build_ema, ema_weights
 from ldm.train.loader import batches_from, train_loader
 from ldm.train.optim import build_lr_scheduler, build_optimizer
@@ -107,17 +107,8 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     # Weights were drawn alike on every process; the training noise must differ between them.
     set_seed(cfg.train.seed, device_specific=True)
     run.start(accelerator, cfg, "unet")
-    state = TrainState()
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint, len(loader))
-        if ema is not None:
-            ema.to(accelerator.device)  # accelerate loads registered objects onto the CPU
-        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-    elif resume is not None:
-        accelerator.print(f"no checkpoint in {run.checkpoints} yet: starting afresh")
-    checkpoints = Checkpointer(
-        accelerator, run.checkpoints, len(loader), cfg.train.checkpoints_total_limit,
-        saved_step=state.step if checkpoint is not None else None,
+    state, checkpoints = start_or_resume(
+        accelerator, checkpoint, resume, run.checkpoints, len(loader), cfg.train.checkpoints_total_limit, ema
     )
 
     def pipeline():
