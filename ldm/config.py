@@ -228,6 +228,44 @@ class UNetStageConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
+# ---------------------------------------------------------------- control stage
+
+
+@dataclass
+class ControlModelConfig:
+    """What the control stage trains on top of the frozen base model (see ldm.control.models)."""
+
+    kind: str = "controlnet"  # "controlnet" | "t2i_adapter"
+    # An existing ControlNet / T2I-Adapter folder to continue from; None: a ControlNet copied from
+    # the base U-Net (zero convolutions fresh), or a freshly initialised adapter.
+    init_from: Optional[str] = None
+    adapter_type: str = "full_adapter"  # T2I-Adapter: "full_adapter" | "light_adapter"
+    num_res_blocks: int = 2  # T2I-Adapter residual blocks per level
+    # Probability of a blank (all-black) control image for a training example.
+    conditioning_dropout: float = 0.05
+    # Timestep sampling: None follows the method's paper: "uniform" for ControlNet, "cubic"
+    # (more noisy steps, where layout is decided) for T2I-Adapter (Mou et al. 2023, sec. 3.4).
+    timestep_sampling: Optional[str] = None
+    caption_dropout: float = 0.1  # as in stage 2: the unconditional branch for CFG stays trained
+    conditioning_scale: float = 1.0  # for the validation grids
+
+
+@dataclass
+class ControlValidationConfig(ValidationConfig):
+    num_controls: int = 6  # control | sample pairs in each validation grid, from the held-out split
+
+
+@dataclass
+class ControlStageConfig:
+    # The frozen base: a model folder from train_unet.py / ldm-demo, or a diffusers Stable Diffusion folder.
+    base_model: str = "runs/demo/pipeline"
+    control: ControlModelConfig = field(default_factory=ControlModelConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/control", learning_rate=1e-4))
+    validation: ControlValidationConfig = field(default_factory=ControlValidationConfig)
+
+
 # ---------------------------------------------------------------- loading
 
 
