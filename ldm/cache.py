@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ldm.codec import LatentCodec
 from ldm.errors import LdmError
 
 logger = logging.getLogger(__name__)
@@ -162,13 +163,14 @@ class Encoders:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, captions: List[str]) -> dict:
-        """Posterior mean/std of the images (and of their mirror images), hidden states of the captions."""
+        """Posterior mean/std (`ldm.codec.LatentCodec.encode`) of the images (and of their mirror images), hidden states of the captions."""
         pixels = pixels.to(self.device)
         views = {"": pixels, "_flip": pixels.flip(-1)} if self.flips else {"": pixels}
         out = {}
+        codec = LatentCodec(self.vae)
         for suffix, x in views.items():
-            posterior = self.vae.encode(x).latent_dist
-            out["mean" + suffix], out["std" + suffix] = posterior.mean.float().cpu(), posterior.std.float().cpu()
+            mean, std = codec.encode(x)
+            out["mean" + suffix], out["std" + suffix] = mean.float().cpu(), std.float().cpu()
         if self.text_encoder is not None:
             out["context"] = self.text(captions)
         return out

@@ -5,7 +5,7 @@ progress bars come from diffusers, and a model folder is in the diffusers layout
 the ecosystem reads. `__call__` mirrors `diffusers.StableDiffusionPipeline.__call__`
 (same names, defaults and meaning) and gives the same images from the same components;
 it also loads a plain Stable Diffusion folder as it is. The loop itself lives in
-`ldm.sampling.sample_cfg`; the half-precision-safe VAE decode in `ldm.vae_decode`; the
+`ldm.sampling.sample_cfg`; the way back from latents to images in `ldm.codec`; the
 checks that a folder's parts exist and fit together in `ldm.model_parts`.
 """
 
@@ -17,29 +17,13 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ldm.autoencoder import vae_scale_factor
+from ldm.codec import LatentCodec, unscale_latents  # noqa: F401 (unscale_latents: its old home)
 from ldm.errors import LdmError
 from ldm.model_parts import COMPONENTS, check_components, check_folder_parts_agree, check_model_folder  # noqa: F401
 from ldm.sampling import sample_cfg
 from ldm.text_encoder import encode_text, tokenize
-from ldm.vae_decode import decode_latents
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Undo the latent scaling the U-Net was trained with, as read from the VAE's config.
-
-    Per-channel `latents_mean`/`latents_std` when set (SDXL-style), else divide by
-    `scaling_factor` and add `shift_factor` when set (SD3-style).
-    """
-    cfg = vae.config
-    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
-        return latents * std / cfg.scaling_factor + mean
-    latents = latents / cfg.scaling_factor
-    shift = getattr(cfg, "shift_factor", None)
-    return latents + shift if shift is not None else latents
 
 
 class LatentDiffusionPipeline(DiffusionPipeline):
@@ -149,7 +133,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            images = decode_latents(self.vae, unscale_latents(self.vae, latents))
+            images = LatentCodec(self.vae).decode(latents)
             images = self.image_processor.postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)

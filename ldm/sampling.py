@@ -63,8 +63,12 @@ def sample_cfg(
     #    so this comes before the noise is scaled.
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
-    # 2. Scale the unit-variance noise to the scheduler's first noise level (1 for DDIM).
-    latents = latents * scheduler.init_noise_sigma
+    # 2. Scale the unit-variance noise to the scheduler's first noise level (1 for DDIM,
+    #    sqrt(sigma_max^2 + 1) for EDM). Flow matching starts from unit noise and has no
+    #    init_noise_sigma, as diffusers' SD3 pipeline knows.
+    init_sigma = getattr(scheduler, "init_noise_sigma", None)
+    if init_sigma is not None:
+        latents = latents * init_sigma
     # 3. One batch for both passes: [unconditional, conditional], as diffusers orders it.
     embeds = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
     extra = step_kwargs(scheduler, eta, generator)
@@ -73,9 +77,11 @@ def sample_cfg(
     )
     with bar:
         for i, t in enumerate(timesteps):
-            # 4. Per-step input scaling (identity for DDIM, 1/sqrt(sigma^2+1) for Euler-type).
+            # 4. Per-step input scaling (identity for DDIM, 1/sqrt(sigma^2+1) for Euler-type,
+            #    EDM's c_in); flow matching feeds x_t as it is (no scale_model_input).
             x = torch.cat([latents] * 2) if do_cfg else latents
-            x = scheduler.scale_model_input(x, t)
+            if hasattr(scheduler, "scale_model_input"):
+                x = scheduler.scale_model_input(x, t)
             noise_pred = predict_noise(unet, x, t, embeds, max_batch_size)
             # 5. Guidance: move from the unconditional prediction towards the conditional one.
             if do_cfg:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from ldm.cache import INDEX
+from ldm.codec import LatentCodec, posterior_sample
 from ldm.text_encoder import encode_text, tokenize
 
 
@@ -74,7 +75,8 @@ class Encoded:
 
     @torch.no_grad()
     def posterior_sample(self, batch) -> torch.Tensor:
-        return self.vae.encode(batch["pixel_values"].to(self.dtype)).latent_dist.sample()
+        codec = LatentCodec(self.vae)
+        return codec.sample(*codec.encode(batch["pixel_values"].to(self.dtype)))
 
     def context(self, batch, captions: List[str]) -> torch.Tensor:
         return encode_text(self.text_encoder, tokenize(self.tokenizer, captions, self.device))
@@ -100,7 +102,7 @@ class Cached:
             flip = (torch.rand(len(mean)) < 0.5).view(-1, 1, 1, 1).to(mean.device)
             mean, std = torch.where(flip, batch["mean_flip"], mean), torch.where(flip, batch["std_flip"], std)
         # As DiagonalGaussianDistribution.sample does, so the random stream matches the uncached loop's.
-        return (mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)).to(self.dtype)
+        return posterior_sample(mean, std).to(self.dtype)
 
     def context(self, batch, captions: List[str]) -> torch.Tensor:
         if "context" not in batch:
