@@ -60,7 +60,8 @@ class FlowMatchingObjective(Objective):
 
     def loss(self, net, z0, context, t, noise) -> torch.Tensor:
         prediction = net(self.noised(z0, noise, t), self.timestep(t), context)
-        return mean_per_example(F.mse_loss(prediction.float(), self.target(z0, noise).float(), reduction="none"))
+        dtype = torch.promote_types(z0.dtype, torch.float32)  # float32 under mixed precision, float64 stays
+        return mean_per_example(F.mse_loss(prediction.to(dtype), self.target(z0, noise).to(dtype), reduction="none"))
 
     def sampling_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.cfg.num_train_timesteps, shift=1.0)
