@@ -17,12 +17,18 @@ from diffusers.utils.torch_utils import randn_tensor
 from ldm.vae_decode import decode_latents
 
 
+def _channels(values, like: torch.Tensor) -> torch.Tensor:
+    # Through float64 (which holds a Python float exactly): float32 gets what it always got,
+    # float64 latents get the config's values without a float32 rounding.
+    return torch.tensor(values, dtype=torch.float64).view(1, -1, 1, 1).to(like)
+
+
 def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
     """VAE posterior samples -> the unit-variance space the U-Net models (inverse: `unscale_latents`)."""
     cfg = vae.config
     if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(z)
-        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(z)
+        mean = _channels(cfg.latents_mean, z)
+        std = _channels(cfg.latents_std, z)
         return (z - mean) * cfg.scaling_factor / std
     shift = getattr(cfg, "shift_factor", None)
     return (z - shift if shift is not None else z) * cfg.scaling_factor
@@ -36,8 +42,8 @@ def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """
     cfg = vae.config
     if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
+        mean = _channels(cfg.latents_mean, latents)
+        std = _channels(cfg.latents_std, latents)
         return latents * std / cfg.scaling_factor + mean
     latents = latents / cfg.scaling_factor
     shift = getattr(cfg, "shift_factor", None)

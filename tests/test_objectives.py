@@ -361,3 +361,22 @@ def test_the_cli_sampler_takes_edm_and_flow_folders(objective_folders, tmp_path)
         assert main(["--model", str(objective_folders[kind]), "--prompts", str(prompts), "--outdir", str(out),
                      "--device", "cpu", "--steps", "2"]) == 0
         assert len(list(out.glob("0*.png"))) == 2
+
+
+# ---------------------------------------------------------------- through the training loop
+
+
+@pytest.mark.parametrize("kind, cls", [("edm", "EDMEulerScheduler"), ("flow", "FlowMatchEulerDiscreteScheduler")])
+def test_each_objective_trains_and_saves_its_scheduler(tmp_path, vae_dir, kind, cls):
+    import json
+
+    from test_train_unet import records, tiny
+
+    from ldm.cli.train_unet import main
+
+    run = tmp_path / kind
+    assert main(tiny(run, vae_dir, "train.max_steps=2", f"objective.kind={kind}", "objective.offset_noise=0.05",
+                     "validation.prompts=[a red circle]", "validation.every=2")) == 0
+    assert all(r["loss"] > 0 and math.isfinite(r["loss"]) for r in records(run))
+    assert json.loads((run / "final/scheduler/scheduler_config.json").read_text())["_class_name"] == cls
+    assert (run / "samples/step-000002.png").is_file()  # validation sampled with that scheduler
