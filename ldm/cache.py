@@ -163,7 +163,10 @@ class Encoders:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, captions: List[str]) -> dict:
-        """Posterior mean/std (`ldm.codec.LatentCodec.encode`) of the images (and of their mirror images), hidden states of the captions."""
+        """Posterior mean/std of the images (and of their mirror images), hidden states of the captions.
+
+        The posterior comes from `ldm.codec.LatentCodec.encode`, as in the uncached training loop.
+        """
         pixels = pixels.to(self.device)
         views = {"": pixels, "_flip": pixels.flip(-1)} if self.flips else {"": pixels}
         out = {}

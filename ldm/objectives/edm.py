@@ -28,7 +28,9 @@ def check_edm_config(cfg) -> None:
     if cfg.sigma_min >= cfg.sigma_max:
         raise LdmError(f"objective.sigma_min ({cfg.sigma_min}) must be below objective.sigma_max ({cfg.sigma_max})")
     if (cfg.timestep_sampling or "log_normal") != "log_normal":
-        raise LdmError(f"objective.timestep_sampling must be log_normal (or null) for objective.kind=edm, got '{cfg.timestep_sampling}'")
+        raise LdmError(
+            f"objective.timestep_sampling must be log_normal (or null) for objective.kind=edm, got '{cfg.timestep_sampling}'"
+        )
 
 class EDMObjective(Objective):
     """lambda(sigma) || D(z0 + sigma n; sigma) - z0 ||^2 with ln sigma ~ N(P_mean, P_std^2)."""
