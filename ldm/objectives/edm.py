@@ -75,7 +75,7 @@ class EDMObjective(Objective):
     def loss(self, net, z0, context, t, noise) -> torch.Tensor:
         # In float32 (or wider): lambda reaches ~1e5 at the smallest sigmas.
         dtype = torch.promote_types(z0.dtype, torch.float32)
-        z0, noise, sigma = z0.to(dtype), noise.to(dtype), t.to(dtype)
+        z0, noise, sigma = z0.to(dtype), noise.to(dtype), t.to(z0.device, dtype)
         denoised = self.denoise(net, self.noised(z0, noise, sigma), sigma, context)
         weight = self.loss_weight(sigma)
         return weight * mean_per_example((denoised - z0) ** 2)

@@ -46,7 +46,7 @@ class FlowMatchingObjective(Objective):
     @staticmethod
     def noised(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = (1 - t) z0 + t eps (`FlowMatchEulerDiscreteScheduler.scale_noise` with sigma = t)."""
-        t = t.to(z0.dtype).view(-1, *([1] * (z0.ndim - 1)))
+        t = t.to(z0.device, z0.dtype).view(-1, *([1] * (z0.ndim - 1)))
         return (1 - t) * z0 + t * noise
 
     @staticmethod
@@ -59,6 +59,7 @@ class FlowMatchingObjective(Objective):
         return t * self.cfg.num_train_timesteps
 
     def loss(self, net, z0, context, t, noise) -> torch.Tensor:
+        t = t.to(z0.device)
         prediction = net(self.noised(z0, noise, t), self.timestep(t), context)
         dtype = torch.promote_types(z0.dtype, torch.float32)  # float32 under mixed precision, float64 stays
         return mean_per_example(F.mse_loss(prediction.to(dtype), self.target(z0, noise).to(dtype), reduction="none"))
