@@ -22,9 +22,9 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from ldm import pipeline_control as pc
 from ldm.autoencoder import vae_scale_factor
 from ldm.errors import LdmError
-from ldm import pipeline_control as pc
 from ldm.model_parts import COMPONENTS, check_components, check_folder_parts_agree, check_model_folder  # noqa: F401
 from ldm.sampling import sample_cfg
 from ldm.text_encoder import encode_text, tokenize
@@ -155,7 +155,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         batch is twice the number of images). Progress bars: `set_progress_bar_config`.
 
         With a ControlNet: `image` (PIL, numpy, tensor; one for all prompts or a list of one
-        per prompt; for several ControlNets a list with one such entry per ControlNet),
+        per prompt; for several ControlNets a list of one image per ControlNet, or, per
+        prompt, a list of such lists, as diffusers reads a nested list),
         `controlnet_conditioning_scale`, `control_guidance_start` / `_end` (fractions of the
         steps; float or one per ControlNet) and `guess_mode`, as in diffusers'
         `StableDiffusionControlNetPipeline`. With a T2I-Adapter: `image`,

@@ -50,6 +50,10 @@ def adapters(adapter) -> list:
     return list(adapter.adapters) if isinstance(adapter, MultiAdapter) else [adapter]
 
 
+def _listed(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def _differs(what: str, key: str, mine, unet_key: str, theirs) -> LdmError:
     return LdmError(
         f"the {what} was made for another base model: its {key} is {mine} but the U-Net's {unet_key} is {theirs}: "
@@ -74,8 +78,8 @@ def check_control_fits(unet, vae_factor: int, controlnet=None, adapter=None) -> 
             raise LdmError(f"controlnet must be a diffusers ControlNetModel (or a list of them), got {type(net).__name__}")
         c = net.config
         for key in ("in_channels", "cross_attention_dim", "block_out_channels"):
-            mine, theirs = c[key], u[key]
-            if (list(mine) if isinstance(mine, (list, tuple)) else mine) != (list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
+            mine, theirs = _listed(c[key]), _listed(u[key])  # a config read from JSON holds lists, a built one tuples
+            if mine != theirs:
                 raise _differs(what, key, mine, key, theirs)
         # The conditioning embedding brings the control image down to the latent size.
         down = 2 ** (len(c.conditioning_embedding_out_channels) - 1)

@@ -273,7 +273,7 @@ def test_from_pretrained_with_a_controlnet_or_adapter(tiny_model_dir, tmp_path, 
     (lambda u: ControlNetModel(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                conditioning_embedding_out_channels=(16, 32)),
-     r"its block_out_channels is \(32, 32\) but the U-Net's block_out_channels is \(32, 64\)"),
+     r"its block_out_channels is \[32, 32\] but the U-Net's block_out_channels is \[32, 64\]"),
     (lambda u: ControlNetModel.from_unet(u), r"downsamples its control image 8x .* VAE's scale factor is 2"),
 ])
 def test_a_controlnet_for_another_base_is_named_with_both_numbers(hf_parts, make, words):
