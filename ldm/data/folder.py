@@ -90,7 +90,8 @@ def jsonl_entries(path: Path):
         except (ValueError, KeyError, TypeError):  # not JSON, not an object, a key missing
             yield Entry(number, None, None)
             continue
-        yield Entry(number, *fields)
+        malformed = fields[2] is not None and not isinstance(fields[2], str)  # a control path must be a string
+        yield Entry(number, None, None) if malformed else Entry(number, *fields)
 
 
 def csv_entries(path: Path):
@@ -136,8 +137,7 @@ def read_metadata(root: Path, images: List[Path], path: Optional[Path], entries:
     lines = {}
     for entry in entries:
         number, file_name, text = entry.number, entry.file_name, entry.text
-        control = entry.conditioning_image
-        if not isinstance(file_name, str) or not isinstance(text, str) or not isinstance(control, (str, type(None))):
+        if not isinstance(file_name, str) or not isinstance(text, str):
             raise LdmError(
                 f"{path} line {number} is malformed: each line must give a string file_name and text, like {example}"
             )
@@ -176,8 +176,12 @@ def upright_size(path: Path) -> Tuple[int, int]:
     """(width, height) of an image as `load_image` gives it, from its header (no pixel decoding)."""
     with Image.open(path) as image:
         width, height = image.size
+        exif = Image.Exif()
+        # The EXIF block the header holds (image.getexif() would decode a PNG to look past its pixels).
+        if image.info.get("exif"):
+            exif.load(image.info["exif"])
         # EXIF orientations 5-8 turn the image a quarter: load_image swaps its sides.
-        return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+        return (height, width) if exif.get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
 
 
 def load_controls(root: Path, images: List[Path], metadata: Dict[str, Entry], path: Optional[Path]) -> List[Path]:
@@ -196,7 +200,8 @@ def load_controls(root: Path, images: List[Path], metadata: Dict[str, Entry], pa
             )
         controls.append(control)
     if missing:
-        image, entry = missing[0]
+        # A line that names its image but no control first: the file with no line may be an unnamed control.
+        image, entry = min(missing, key=lambda pair: pair[1] is None)
         name = relative_name(root, image)
         where = f"line {entry.number} of {path} gives it no" if entry else f"{path or root / METADATA} has no line for it with a"
         raise LdmError(
@@ -247,8 +252,9 @@ class ImageFolderDataset(Dataset):
                 f"in subfolders too; set data.path to a folder of images with captions)"
             )
         metadata = read_metadata(self.root, images, path, entries)
-        self.samples: List[Tuple[Path, str]] = list(zip(images, load_captions(self.root, images, metadata)))
+        # Controls before captions: a control that no line names looks like an image without a caption.
         self.controls: Optional[List[Path]] = load_controls(self.root, images, metadata, path) if conditioning else None
+        self.samples: List[Tuple[Path, str]] = list(zip(images, load_captions(self.root, images, metadata)))
         self.transform = transform
         self._unreadable = set()  # indices already found bad: warned once, never decoded again
 
