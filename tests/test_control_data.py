@@ -486,3 +486,10 @@ def test_one_coin_flips_the_posterior_and_the_control_together():
     torch.manual_seed(1)
     assert torch.equal(cached.posterior_sample(cached.pick_flips(batch)), alone)
     assert Encoded(None, None, None, torch.float32, "cpu").pick_flips(batch) is batch  # the transform flipped already
+
+
+def test_a_missing_cond_png_met_in_a_dataloader_worker_is_still_one_line(tmp_path):
+    stream = ShardStream(expand_shards(write_control_shards(tmp_path, drop=0)), 6, paired_transform(RES), shuffle_buffer=0)
+    with pytest.raises(LdmError) as info:
+        list(torch.utils.data.DataLoader(stream, batch_size=2, num_workers=1))
+    assert str(info.value).startswith("webdataset sample ") and "\n" not in str(info.value) and "0000" in str(info.value)
