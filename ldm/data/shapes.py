@@ -11,7 +11,8 @@ is its outline, an edge map as Canny gives for photos: the shape's mask at the f
 resolution (the filled shape drawn white on black at the image's supersampling,
 BOX-downsampled, pixels >= 128 kept), then the mask pixels with a 4-neighbour outside
 the mask or on the image border; white on black, RGB. `control_for` draws a fresh one
-for a given kind (with its filled mask, which the demo scores generated shapes against).
+for a given kind, `fresh_controls` one per prompt, each with its filled mask (what a
+generated shape is scored against, by IoU); `outline_to_mask` fills an outline back.
 """
 
 from dataclasses import dataclass
@@ -150,7 +151,7 @@ def random_box(rng: np.random.Generator, resolution: int) -> Tuple[int, int, int
     return int(left), int(top), int(left) + size, int(top) + size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: arrays do not compare to one bool
 class ShapeControl:
     """A control for the shapes: the shape it was drawn from, its outline (RGB image) and filled mask (bool)."""
 
@@ -173,7 +174,8 @@ def control_for(kind: str, resolution: int, seed, colour: Optional[str] = None) 
     """
     if kind not in KINDS or (colour is not None and colour not in PALETTE):
         raise LdmError(
-            f"no shapes control for '{f'{colour} ' if colour else ''}{kind}': KIND is one of {', '.join(KINDS)}, COLOUR one of {', '.join(PALETTE)}"
+            f"no shapes control for '{f'{colour} ' if colour else ''}{kind}': "
+            f"KIND is one of {', '.join(KINDS)}, COLOUR one of {', '.join(PALETTE)}"
         )
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     spec = ShapeSpec(colour or next(iter(PALETTE)), kind, random_box(rng, resolution))
