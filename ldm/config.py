@@ -45,6 +45,11 @@ class DataConfig:
     random_flip: bool = False
     num_workers: int = 0
     num_validation: int = 64  # images held out of training for validation
+    # Control images (ControlNet / T2I-Adapter training): items also carry
+    # "conditioning_pixel_values", float (3, res, res) in [0, 1], cropped and flipped with
+    # their image. shapes: the shape's outline; folder: the metadata line's
+    # "conditioning_image"; webdataset: the sample's "cond.png".
+    conditioning: bool = False
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
