@@ -2,29 +2,25 @@
 
 Reads top to bottom: check the config, load the VAE, build text encoder, U-Net, EMA and
 data (images, or the posteriors and hidden states of an ldm-cache folder), resume, the
-loop (Rombach et al. 2022, eq. 2: || eps - eps_theta(z_t, t, tau(y)) ||^2 with
-z = scaling_factor * E(x)), then the final model folder, sampled with DDIM.
+loop (Rombach et al. 2022, eq. 2: the objective of `ldm.objectives` on z = scaling_factor * E(x)
+and tau(y)), then the final model folder, sampled with the objective's scheduler.
 """
 
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
-from diffusers import DDIMScheduler
 from torchvision.utils import save_image
 
 from ldm.autoencoder import load_vae, vae_scale_factor
+from ldm.codec import LatentCodec
 from ldm.config import save_config
 from ldm.cache import check_cache
 from ldm.data import build_dataset
 from ldm.data.cached import Cached, Encoded, cached_dataset
 from ldm.errors import LdmError
-from ldm.objective import (
-    add_noise, build_noise_scheduler, drop_captions, min_snr_weights, sample_noise, sample_timesteps, scale_latents,
-    training_target,
-)
+from ldm.objectives import build_objective, drop_captions
 from ldm.text_encoder import build_text_encoder, enable_gradient_checkpointing, hidden_size
 from ldm.train.cadence import Cadence
 from ldm.train.checkpoint import TrainState, find_checkpoint, start_or_resume
@@ -47,7 +43,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     """
     # ---- 1. Check what can be checked before anything slow.
     check_train_config(cfg.train)
-    noise_scheduler = build_noise_scheduler(cfg.objective)
+    objective = build_objective(cfg.objective)  # the loss object; it also names the sampler
     vae = load_vae(cfg.vae_path)  # refuses a VAE without a measured scaling_factor
     factor = vae_scale_factor(vae)
     if cfg.data.resolution % factor:
@@ -80,6 +76,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     ema = build_ema(unet, cfg.ema)
     train_text = cfg.text_encoder.trainable
     vae.requires_grad_(False).eval()
+    codec = LatentCodec(vae)
     text_encoder.requires_grad_(train_text).train(train_text)
     unet.train()
     if cfg.train.gradient_checkpointing:
@@ -117,7 +114,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
 
         return LatentDiffusionPipeline(
             vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
-            unet=accelerator.unwrap_model(unet), scheduler=sampling_scheduler(noise_scheduler),
+            unet=accelerator.unwrap_model(unet), scheduler=objective.sampling_scheduler(),
         )
 
     def validate(step: int) -> None:
@@ -131,6 +128,10 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
                 net.train()
         accelerator.wait_for_everyone()
 
+    def denoiser(x, timestep, context):
+        """The U-Net as the objective's net(x, timestep, context)."""
+        return unet(x, timestep, context).sample
+
     # ---- 3. The loop: one optimizer step per `gradient_accumulation_steps` batches.
     report = Reporter(accelerator, run, cfg.train.max_steps, state.step, unit="samples")
     cadence = Cadence(accelerator, cfg.train, cfg.validation.every, report, checkpoints, validate, lr_scheduler, len(loader))
@@ -141,17 +142,11 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
             batch = next(data)
             batches += 1
             with accelerator.accumulate(*trained):
-                z0 = scale_latents(vae, inputs.posterior_sample(batch))
+                z0 = codec.scale(inputs.posterior_sample(batch))
                 captions = drop_captions(batch["caption"], cfg.objective.caption_dropout)
                 with torch.set_grad_enabled(train_text):
                     context = inputs.context(batch, captions)
-                noise = sample_noise(z0, cfg.objective.offset_noise)
-                t = sample_timesteps(noise_scheduler, len(z0), z0.device)
-                z_t = add_noise(noise_scheduler, z0, noise, t)
-                target = training_target(noise_scheduler, z0, noise, t)
-                prediction = unet(z_t, t, context).sample
-                per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                loss = (min_snr_weights(noise_scheduler, t, cfg.objective.min_snr_gamma) * per_example).mean()
+                loss = objective(denoiser, z0, context).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -193,17 +188,6 @@ def place(model, device, dtype) -> None:
     model.to(device)
     if model.dtype != dtype:
         model.to(dtype=dtype)
-
-
-def sampling_scheduler(noise_scheduler) -> DDIMScheduler:
-    """DDIM (Song et al. 2021) on the training schedule, with Stable Diffusion's step conventions.
-
-    With zero terminal SNR the sampler must start at the last training step, where the
-    model saw pure noise: "trailing" spacing (Lin et al. 2024, sec. 3.3).
-    """
-    if noise_scheduler.config.rescale_betas_zero_snr:
-        return DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=False)
-    return DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False, steps_offset=1)
 
 
 @torch.no_grad()
