@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ldm.data.checker import colour_of, foreground_mask, iou
-from ldm.data.shapes import all_pairs, caption, fresh_control
+from ldm.data.shapes import all_pairs, caption, fresh_controls
 from ldm.grid import labelled_grid
 
 METHODS = {  # name: (config, run folder, pipeline argument, scale argument, diffusers class)
@@ -54,11 +54,10 @@ def train_control_models(args, out: Path, held_out, config_path) -> dict:
 
 
 def draw_controls(n: int, resolution: int, seed: int = CONTROL_SEED):
-    """n fresh (outline, filled mask) controls per prompt, for all 18 prompts, from one seeded generator."""
-    rng = np.random.default_rng(seed)
+    """n fresh (outline, filled mask) controls per prompt for all 18 prompts, each its own size and place."""
     prompts = [caption(c, k) for c, k in all_pairs()]
-    controls = [[fresh_control(kind, resolution, rng) for _ in range(n)] for _, kind in all_pairs()]
-    return prompts, controls
+    drawn = fresh_controls([p for p in prompts for _ in range(n)], resolution, seed)
+    return prompts, [[(c.outline, c.mask) for c in drawn[i * n:(i + 1) * n]] for i in range(len(prompts))]
 
 
 def sample_with(pipe, scale_argument: str, prompts, controls, scale: float, steps: int, guidance: float, seed: int):

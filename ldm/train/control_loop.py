@@ -56,6 +56,9 @@ def train_control(cfg, resume: Optional[str] = None) -> Path:
         raise LdmError("the control stage trains on control images: set data.conditioning=true")
     if cfg.validation.every < 1:
         raise LdmError(f"validation.every must be at least 1, got {cfg.validation.every}")
+    if cfg.data.cache:
+        # An ldm-cache folder is made for a stage-2 config (VAE path, text encoder settings), not a base model folder.
+        raise LdmError("data.cache is not read by the control stage yet: set data.cache=null (it encodes images as it trains)")
     base = load_base(cfg.base_model)
     objective_cfg = base_objective(cfg.base_model, base.scheduler, cfg.control)
     objective = build_objective(objective_cfg)
@@ -77,7 +80,7 @@ def train_control(cfg, resume: Optional[str] = None) -> Path:
     set_seed(cfg.train.seed)
     vae, text_encoder, tokenizer, unet = base.vae, base.text_encoder, base.tokenizer, base.unet
     control = build_control_model(cfg.control, unet, factor)
-    check_fits_base(control, unet, cfg)
+    check_fits_base(control, unet, factor, cfg)
     ema = build_ema(control, cfg.ema)
     weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
     for frozen in (vae, text_encoder, unet):
@@ -161,11 +164,11 @@ def control_argument(model) -> str:
     return "controlnet" if isinstance(model, ControlNetModel) else "adapter"
 
 
-def check_fits_base(control, unet, cfg) -> None:
+def check_fits_base(control, unet, vae_factor: int, cfg) -> None:
     """A control model continued from a folder must have been made for this base (one line, before training)."""
-    from ldm.control.fit import check_control_fits
+    from ldm.pipeline_control import check_control_fits
 
-    check_control_fits(control, unet, where=cfg.control.init_from or "the new control model")
+    check_control_fits(unet, vae_factor, **{control_argument(control): control})
 
 
 @torch.no_grad()
