@@ -44,6 +44,7 @@ from accelerate.utils import set_seed
 from ldm.train.cadence import Cadence
 from ldm.train.checkpoint import TrainState, start_or_resume
 from ldm.train.ema import ema_weights
+from ldm.train.interrupt import stop_at_step_end
 from ldm.train.loader import batches_from
 from ldm.train.run import Reporter, rng_untouched
 
@@ -132,26 +133,29 @@ def training_loop(
                       lambda s: on_main(validate, s), lr_scheduler, len(loader))
     data = batches_from(accelerator, loader, state.batches)
     steps, batches = state.step, state.batches
-    try:
-        while steps < train_cfg.max_steps:
-            batch = next(data)
-            batches += 1
-            with accelerator.accumulate(*trained):
-                out = step(batch, steps)
-                for update in out.updates:
-                    apply_update(accelerator, update, train_cfg.max_grad_norm)
-            report.add(out.items, **out.logged)
-            if not accelerator.sync_gradients:
-                continue  # a micro-batch: gradients accumulate, no optimizer step was taken
-            if ema is not None:
-                ema.step(net.parameters())
-            steps += 1
-            state = TrainState(steps, batches)  # a consistent point to checkpoint at
-            if cadence.after_step(state):
-                break
-    except KeyboardInterrupt:
-        cadence.interrupted(state)
-        raise
+    with stop_at_step_end() as stop:  # Ctrl-C / SIGTERM: stop after the step at hand (interrupt.py)
+        try:
+            while steps < train_cfg.max_steps:
+                batch = next(data)
+                batches += 1
+                with accelerator.accumulate(*trained):
+                    out = step(batch, steps)
+                    for update in out.updates:
+                        apply_update(accelerator, update, train_cfg.max_grad_norm)
+                report.add(out.items, **out.logged)
+                if not accelerator.sync_gradients:
+                    continue  # a micro-batch: gradients accumulate, no optimizer step was taken
+                if ema is not None:
+                    ema.step(net.parameters())
+                steps += 1
+                state = TrainState(steps, batches)  # a consistent point to checkpoint at
+                if cadence.after_step(state):
+                    break
+                if stop.requested(accelerator):
+                    raise KeyboardInterrupt(f"stopped at step {steps} on request")
+        except KeyboardInterrupt:
+            cadence.interrupted(state)  # checkpoints the last finished step
+            raise
     cadence.finish(state)
 
     accelerator.wait_for_everyone()
