@@ -3,8 +3,8 @@
 An explicit loop with Accelerate for the plumbing only, as in edm2's training_loop and
 k-diffusion. The loop owns what is the same for every model: gradient accumulation,
 clipping, the optimizer and learning-rate steps, the EMA, the cadence (log, checkpoint,
-validate, time budget; cadence.py), interrupts, exact resume and the final barrier.
-A stage owns the rest:
+validate, time budget; cadence.py), interrupts (a signal stops the run after the step at
+hand; interrupt.py), exact resume and the final barrier. A stage owns the rest:
 
 - its setup, before it calls `training_loop`: data, models, optimizers and LR schedulers,
   prepared by its Accelerator; what trains and what is frozen; what the EMA averages;
@@ -20,13 +20,22 @@ no result); the other processes wait. The records they return go to metrics.json
 A new stage plugs in like this (the control stage: only the ControlNet trains):
 
     controlnet, optimizer, loader, lr_scheduler = accelerator.prepare(controlnet, optimizer, loader, lr_scheduler)
+    controlnet_net = accelerator.unwrap_model(controlnet)  # what the EMA (built on it before) averages
 
     def step(batch, step):
-        loss = ...  # frozen VAE, text encoder and U-Net; gradients reach the ControlNet only
-        return Step([Update(loss, optimizer, lr_scheduler, clip=controlnet.parameters())], len(loss), {"loss": loss})
+        z0, context = ...  # from the frozen VAE and text encoder
+        loss = ...  # the frozen U-Net's denoising loss given the ControlNet's residuals: only they get gradients
+        return Step([Update(loss, optimizer, lr_scheduler, clip=controlnet.parameters())], len(z0), {"loss": loss})
+
+    def validate(step):
+        ...  # a grid sampled with the control images (the ControlNet holds its EMA weights here)
+        return {}
+
+    def save(step):
+        controlnet_net.save_pretrained(...)  # staging_folder + replace_folder, as the other stages
 
     training_loop(accelerator, run, cfg, loader, checkpoint, resume, name="control", unit="samples",
-                  trained=[controlnet], net=accelerator.unwrap_model(controlnet), ema=ema, lr_scheduler=lr_scheduler,
+                  trained=[controlnet], net=controlnet_net, ema=ema, lr_scheduler=lr_scheduler,
                   step=step, validate=validate, save=save)
 
 Exact resume holds when the stage draws its training randomness from the global torch
