@@ -45,6 +45,11 @@ class DataConfig:
     random_flip: bool = False
     num_workers: int = 0
     num_validation: int = 64  # images held out of training for validation
+    # Control images (ControlNet / T2I-Adapter training): items also carry
+    # "conditioning_pixel_values", float (3, res, res) in [0, 1], cropped and flipped with
+    # their image. shapes: the shape's outline; folder: the metadata line's
+    # "conditioning_image"; webdataset: the sample's "cond.png".
+    conditioning: bool = False
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -190,6 +195,14 @@ class UNetModelConfig:
 
 @dataclass
 class ObjectiveConfig:
+    """The stage-2 loss (`ldm.objectives.build_objective`)."""
+
+    # "ddpm" (Ho et al. 2020; the options below up to offset_noise), "edm" (Karras et al.
+    # 2022) or "flow" (rectified flow matching, Esser et al. 2024).
+    kind: str = "ddpm"
+    # How noise levels are drawn; null: the kind's default. ddpm: uniform (default) | cubic
+    # (T2I-Adapter); edm: log_normal; flow: logit_normal (default) | uniform.
+    timestep_sampling: Optional[str] = None
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
@@ -205,6 +218,18 @@ class ObjectiveConfig:
     # Offset noise (Guttenberg 2023): eps + offset_noise * per-channel N(0, 1), so the model
     # can change an image's mean brightness. 0.1 is the usual value; 0: off.
     offset_noise: float = 0.0
+    # kind=edm: ln(sigma) ~ N(p_mean, p_std^2) in training; sigma_data is the latents' std
+    # (1: they are scaled to unit variance); sampling runs the Karras schedule from sigma_max
+    # to sigma_min with exponent rho (Karras et al. 2022, Table 1).
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_data: float = 1.0
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    # kind=flow: t = sigmoid(n), n ~ N(logit_mean, logit_std^2) (Esser et al. 2024, eq. 19).
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
 
 @dataclass

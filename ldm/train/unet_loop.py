@@ -2,30 +2,26 @@
 
 Reads top to bottom: check the config, load the VAE, build text encoder, U-Net, EMA and
 data (images, or the posteriors and hidden states of an ldm-cache folder), then what this
-stage hands the shared loop (loop.py): its step (Rombach et al. 2022, eq. 2:
-|| eps - eps_theta(z_t, t, tau(y)) ||^2 with z = scaling_factor * E(x)), its validation
-grid, sampled with DDIM, and its final model folder.
+stage hands the shared loop (loop.py): its step (Rombach et al. 2022, eq. 2: the objective
+of `ldm.objectives` on z = scaling_factor * E(x) and tau(y)), its validation grid, sampled
+with the objective's scheduler, and its final model folder.
 """
 
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
-from diffusers import DDIMScheduler
 from torchvision.utils import save_image
 
 from ldm.autoencoder import load_vae, vae_scale_factor
+from ldm.codec import LatentCodec
 from ldm.config import save_config
 from ldm.cache import check_cache
 from ldm.data import build_dataset
 from ldm.data.cached import Cached, Encoded, cached_dataset
 from ldm.errors import LdmError
-from ldm.objective import (
-    add_noise, build_noise_scheduler, drop_captions, min_snr_weights, sample_noise, sample_timesteps, scale_latents,
-    training_target,
-)
+from ldm.objectives import build_objective, drop_captions
 from ldm.text_encoder import build_text_encoder, enable_gradient_checkpointing, hidden_size
 from ldm.train.checkpoint import find_checkpoint
 from ldm.train.ema import build_ema
@@ -46,7 +42,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     """
     # ---- 1. Check what can be checked before anything slow.
     check_train_config(cfg.train)
-    noise_scheduler = build_noise_scheduler(cfg.objective)
+    objective = build_objective(cfg.objective)  # the loss object; it also names the sampler
     vae = load_vae(cfg.vae_path)  # refuses a VAE without a measured scaling_factor
     factor = vae_scale_factor(vae)
     if cfg.data.resolution % factor:
@@ -79,6 +75,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     ema = build_ema(unet, cfg.ema)
     train_text = cfg.text_encoder.trainable
     vae.requires_grad_(False).eval()
+    codec = LatentCodec(vae)
     text_encoder.requires_grad_(train_text).train(train_text)
     unet.train()
     if cfg.train.gradient_checkpointing:
@@ -108,22 +105,20 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
 
         return LatentDiffusionPipeline(
             vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
-            unet=accelerator.unwrap_model(unet), scheduler=sampling_scheduler(noise_scheduler),
+            unet=accelerator.unwrap_model(unet), scheduler=objective.sampling_scheduler(),
         )
+
+    def denoiser(x, timestep, context):
+        """The U-Net as the objective's net(x, timestep, context)."""
+        return unet(x, timestep, context).sample
 
     # ---- 3. One step: the denoising loss of one batch, one update of the U-Net (and text encoder).
     def train_step(batch, step: int) -> Step:
-        z0 = scale_latents(vae, inputs.posterior_sample(batch))
+        z0 = codec.scale(inputs.posterior_sample(batch))
         captions = drop_captions(batch["caption"], cfg.objective.caption_dropout)
         with torch.set_grad_enabled(train_text):
             context = inputs.context(batch, captions)
-        noise = sample_noise(z0, cfg.objective.offset_noise)
-        t = sample_timesteps(noise_scheduler, len(z0), z0.device)
-        z_t = add_noise(noise_scheduler, z0, noise, t)
-        target = training_target(noise_scheduler, z0, noise, t)
-        prediction = unet(z_t, t, context).sample
-        per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (min_snr_weights(noise_scheduler, t, cfg.objective.min_snr_gamma) * per_example).mean()
+        loss = objective(denoiser, z0, context).mean()
         return Step([Update(loss, optimizer, lr_scheduler, clip=params)], len(z0), {"loss": loss})
 
     def validate(step: int) -> None:
@@ -156,17 +151,6 @@ def place(model, device, dtype) -> None:
     model.to(device)
     if model.dtype != dtype:
         model.to(dtype=dtype)
-
-
-def sampling_scheduler(noise_scheduler) -> DDIMScheduler:
-    """DDIM (Song et al. 2021) on the training schedule, with Stable Diffusion's step conventions.
-
-    With zero terminal SNR the sampler must start at the last training step, where the
-    model saw pure noise: "trailing" spacing (Lin et al. 2024, sec. 3.3).
-    """
-    if noise_scheduler.config.rescale_betas_zero_snr:
-        return DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=False)
-    return DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False, steps_offset=1)
 
 
 @torch.no_grad()
