@@ -286,7 +286,7 @@ class ControlStageConfig:
     base_model: str = "runs/demo/pipeline"
     control: ControlModelConfig = field(default_factory=ControlModelConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(conditioning=True))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/control", learning_rate=1e-4))
     validation: ControlValidationConfig = field(default_factory=ControlValidationConfig)
 
