@@ -238,7 +238,13 @@ class ValidationConfig:
     every: int = 500
     num_inference_steps: int = 25
     guidance_scale: float = 5.0
-    seed: int = 0
+    seed: int = 0  # also seeds the validation loss's fixed noise
+    # Every `every` steps: the loss on the held-out split (data.num_validation images) at
+    # `loss_buckets` fixed noise levels with fixed noise, raw and EMA weights
+    # (ldm/eval/validation_loss.py; metrics.jsonl keys val_loss, val_loss_t{k}, val_loss_ema, ...).
+    loss: bool = True
+    loss_buckets: int = 8
+    loss_batch_size: int = 32  # held-out images per forward pass, per process
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Reads top to bottom: check the config, load the VAE, build text encoder, U-Net, EMA and
 data (images, or the posteriors and hidden states of an ldm-cache folder), then what this
 stage hands the shared loop (loop.py): its step (Rombach et al. 2022, eq. 2: the objective
-of `ldm.objectives` on z = scaling_factor * E(x) and tau(y)), its validation grid, sampled
-with the objective's scheduler, and its final model folder.
+of `ldm.objectives` on z = scaling_factor * E(x) and tau(y)), its held-out validation loss
+(ldm/eval/validation_loss.py), its validation grid, sampled with the objective's
+scheduler, and its final model folder.
 """
 
 from pathlib import Path
@@ -21,6 +22,7 @@ from ldm.cache import check_cache
 from ldm.data import build_dataset
 from ldm.data.cached import Cached, Encoded, cached_dataset
 from ldm.errors import LdmError
+from ldm.eval.validation_loss import build_validation_loss, check_validation_loss_config, eval_mode, text_to_image_inputs
 from ldm.objectives import build_objective, drop_captions
 from ldm.text_encoder import build_text_encoder, enable_gradient_checkpointing, hidden_size
 from ldm.train.checkpoint import find_checkpoint
@@ -52,6 +54,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
         )
     if cfg.validation.every < 1:
         raise LdmError(f"validation.every must be at least 1, got {cfg.validation.every}")
+    check_validation_loss_config(cfg.validation)
     latent_size = cfg.data.resolution // factor
     unet_factor = 2 ** (len(cfg.model.block_out_channels) - 1)
     if latent_size % unet_factor:
@@ -121,6 +124,16 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
         loss = objective(denoiser, z0, context).mean()
         return Step([Update(loss, optimizer, lr_scheduler, clip=params)], len(z0), {"loss": loss})
 
+    # ---- 4. Validation: the held-out loss on every process (raw and EMA weights), a grid on the main one.
+    val_loss = build_validation_loss(cfg.validation, cfg.data, objective, accelerator.print)
+
+    held_out = text_to_image_inputs(codec, accelerator.unwrap_model(text_encoder), tokenizer, net, accelerator.device)
+
+    def evaluate(step: int, ema: bool) -> dict:
+        """The validation loss with the weights `net` holds (the loop swaps the EMA weights in for ema=True)."""
+        with accelerator.autocast(), eval_mode(text_encoder):
+            return val_loss(held_out, ema=ema)
+
     def validate(step: int) -> None:
         """A grid of the validation prompts, sampled with the EMA weights."""
         if cfg.validation.prompts:
@@ -138,10 +151,11 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
         replace_folder(tmp, run.final)
         accelerator.print(f"final model in {run.final}")
 
-    # ---- 4. The loop (loop.py): one optimizer step per `gradient_accumulation_steps` batches.
+    # ---- 5. The loop (loop.py): one optimizer step per `gradient_accumulation_steps` batches.
     training_loop(
         accelerator, run, cfg, loader, checkpoint, resume, name="unet", unit="samples", trained=trained, net=net,
         ema=ema, lr_scheduler=lr_scheduler, step=train_step, validate=validate, save=save,
+        evaluate=evaluate if val_loss is not None else None,
     )
     return run.final
 

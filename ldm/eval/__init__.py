@@ -1,0 +1,1 @@
+"""Judging a model: the held-out validation loss (validation_loss.py)."""
