@@ -281,3 +281,36 @@ def test_control_stage_logs_raw_and_ema_validation_loss(tmp_path, vae_dir):
     assert all(math.isfinite(r["val_loss"]) and r["val_loss"] > 0 for r in records)
     # The ControlNet starts with zero convolutions: the raw weights moved at step 2, the EMA lags behind.
     assert records[1]["val_loss"] != records[1]["val_loss_ema"]
+
+
+# ---------------------------------------------------------------- the loop's evaluate hook (toy stage of test_loop.py)
+
+
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_the_loop_evaluates_raw_then_ema_in_eval_mode_and_leaves_training_alone(tmp_path, monkeypatch, log_every):
+    """`evaluate(step, ema)` at steps 2 and 4 (every=2, 4 steps), raw weights then EMA weights, in eval mode;
+    it draws from the global RNG, yet training ends as without it. Its records join the step's log record
+    when one is due (log_every=1), else they are a record of their own (log_every=3)."""
+    import test_loop
+
+    calls, real = [], test_loop.training_loop
+
+    def with_evaluate(*args, **kw):
+        net, ema = kw["net"], kw["ema"]
+
+        def evaluate(step, use_ema):
+            ema_in = all(torch.equal(p, s) for p, s in zip(net.parameters(), ema.shadow_params))
+            calls.append((step, use_ema, net.training, ema_in))
+            torch.rand(3)
+            return {f"probe{'_ema' if use_ema else ''}": net.weight.sum().item()}
+
+        return real(*args, **kw, evaluate=evaluate)
+
+    plain = test_loop.toy_stage(tmp_path / "plain", every=2, log_every=log_every)
+    monkeypatch.setattr(test_loop, "training_loop", with_evaluate)
+    seen = test_loop.toy_stage(tmp_path / "run", every=2, log_every=log_every)
+    assert calls == [(2, False, False, False), (2, True, False, True), (4, False, False, False), (4, True, False, True)]
+    assert test_loop.same(seen["raw"], plain["raw"]) and test_loop.same(seen["saved"]["ema"], plain["saved"]["ema"])
+    probed = [r for r in test_loop.records(tmp_path / "run") if "probe" in r]
+    assert [r["step"] for r in probed] == [2, 4] and all(r["probe"] != r["probe_ema"] for r in probed)
+    assert all(("loss" in r) == (log_every == 1) for r in probed)
