@@ -126,7 +126,6 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
 
     # ---- 4. Validation: the held-out loss on every process (raw and EMA weights), a grid on the main one.
     val_loss = build_validation_loss(cfg.validation, cfg.data, objective, accelerator.print)
-
     held_out = text_to_image_inputs(codec, accelerator.unwrap_model(text_encoder), tokenizer, net, accelerator.device)
 
     def evaluate(step: int, ema: bool) -> dict:
