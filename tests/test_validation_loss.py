@@ -263,17 +263,13 @@ def test_resume_with_validation_loss_every_step_is_bit_identical(tmp_path, vae_d
         [{k: v for k, v in r.items() if k.startswith("val_loss")} for r in logged]
 
 
-def test_control_stage_logs_raw_and_ema_validation_loss(tmp_path, vae_dir):
+def test_control_stage_logs_raw_and_ema_validation_loss(tmp_path, base_dir):
     from test_train_control import tiny
 
     from ldm.cli.train_control import main
-    from ldm.cli.train_unet import main as train_unet
-    from test_train_unet import tiny as unet_tiny
 
-    base = tmp_path / "base"
-    assert train_unet(unet_tiny(base, vae_dir, "train.max_steps=1", "validation.loss=false")) == 0
     run = tmp_path / "controlnet"
-    assert main(tiny(run, base / "final", "controlnet", "train.max_steps=2", "validation.every=1",
+    assert main(tiny(run, base_dir, "controlnet", "train.max_steps=2", "validation.every=1",
                      "validation.loss_buckets=3", "ema.decay=0.5", "ema.use_warmup=false")) == 0
     records = val_records(run)
     keys = {"val_loss", "val_loss_ema"} | {f"val_loss{e}_t{k}" for e in ("", "_ema") for k in range(3)}
