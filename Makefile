@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/ldm-demo
 
 test: $(STAMP)
+	sh scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
