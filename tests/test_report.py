@@ -12,7 +12,7 @@ import pytest
 from ldm.cli.report import main
 from ldm.eval.metrics_log import group_keys, read_records
 from ldm.eval.plots import smoothed, smoothing_weight
-from ldm.eval.report import MAX_GRIDS, stage_of, write_report
+from ldm.eval.report import MAX_GRIDS, stage_of, write_demo_report, write_report
 
 from browser import check_in_chromium, find_chromium
 
@@ -38,6 +38,7 @@ def make_run(folder, config=UNET_CONFIG, steps=range(10, 210, 10), grids=(50, 10
             val.update({f"val_loss_t{t}": 0.5 - s / 1000 + t / 5000 for t in BUCKETS})
             val.update({"val_loss_ema": 0.45 - s / 1000, "eval_adherence": s / 200, "eval_fid": 300.0 - s})
             lines.append(val)
+    lines.append({"step": steps[-1], "scaling_factor": 0.8406})  # logged once: a number, not a figure
     text = "".join(json.dumps(r) + "\n" for r in lines)
     (folder / "metrics.jsonl").write_text(text + ('{"step": 999, "loss": 0.' if torn else ""))
     for i, s in enumerate(grids):
@@ -109,7 +110,8 @@ def test_report_is_one_self_contained_file(tmp_path):
     import torch
 
     assert torch.__version__ in html and "cpu count" in html  # the machine
-    assert "24 records" in html  # 20 training + 4 validation records; the torn last line skipped
+    assert "25 records" in html  # 20 training + 4 validation records + 1; the torn last line skipped
+    assert "logged once: scaling_factor 0.8406 (step 200)" in html
 
 
 def test_several_runs_on_one_page_and_many_grids_are_thinned(tmp_path):
@@ -120,6 +122,23 @@ def test_several_runs_on_one_page_and_many_grids_are_thinned(tmp_path):
     assert html.count("<h2 id=\"run-") == 2 and "stage 1: KL autoencoder" in html and "stage 2: latent U-Net" in html
     assert f"{MAX_GRIDS} of {MAX_GRIDS + 8} grids" in html and "Reconstruction grids" in html
     assert "step 100</figcaption>" in html and f"step {100 * (MAX_GRIDS + 8)}</figcaption>" in html  # first and last kept
+
+
+def test_demo_report_covers_the_stages_that_ran_and_ldm_eval_results(tmp_path):
+    demo = tmp_path / "demo"
+    make_run(demo / "vae", config=VAE_CONFIG)
+    unet = make_run(demo / "unet")
+    (unet / "eval").mkdir()
+    points = [{"steps": 25, "guidance_scale": g, "images": 18, "adherence": a} for g, a in ((1.0, 0.25), (7.5, 0.875))]
+    (unet / "eval" / "eval.json").write_text(json.dumps({"prompts": "shapes.txt", "num_prompts": 18, "points": points}))
+    write_png(unet / "eval" / "tradeoff.png", (10, 20, 30))
+    out = write_demo_report(demo)
+    html = out.read_text()
+    assert out == demo / "report.html" and html.count('<h2 id="run-') == 2 and "controlnet" not in html
+    assert "Evaluation: eval" in html and "<td>0.875</td>" in html and "<th>guidance scale</th>" in html
+    assert len(embedded_images(html)) == 2 * (7 + 4) + 1  # both runs' figures and grids, and the trade-off plot
+    with pytest.raises(Exception, match="run ldm-demo first"):
+        write_demo_report(tmp_path / "nothing")
 
 
 def test_cli_writes_and_prints_the_path_and_errors_are_one_line(tmp_path, capsys):

@@ -17,6 +17,7 @@ the control runs). See `ldm.eval.metrics_log` for the metrics.jsonl keys.
 
 import base64
 import html
+import json
 import re
 import time
 from pathlib import Path
@@ -74,6 +75,10 @@ def plots_section(records: List[dict]) -> str:
     data = series(records)
     groups = group_keys(data)
     parts = []
+    # A key logged once (e.g. the VAE's measured scaling_factor) is a number, not a curve.
+    once = {k: data[k] for k in groups["losses"] + groups["validation"] + groups["eval"] if len(data[k][1]) == 1}
+    for key in ("losses", "validation", "eval"):
+        groups[key] = [k for k in groups[key] if k not in once]
 
     def block(title: str, figures: List[str], note: str = "") -> None:
         if figures:
@@ -97,6 +102,9 @@ def plots_section(records: List[dict]) -> str:
     block("Throughput", [img(line_plot({k: data[k] for k in groups["throughput"]}, "throughput", smooth=True),
                              "throughput")] if groups["throughput"] else [],
           "training time only (checkpoints and validation excluded)")
+    if once:
+        parts.append('<p class="note">logged once: ' + html.escape(", ".join(
+            f"{k} {v[0]:.4g} (step {s[0]:g})" for k, (s, v) in once.items())) + "</p>")
     if records:
         last = records[-1]
         summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
@@ -145,6 +153,34 @@ def checkpoints_section(run: Path) -> str:
             + "".join(rows) + "</table>" + tail)
 
 
+def evaluations_section(run: Path) -> str:
+    """ldm-eval results found in the run folder (RUN_DIR/eval*/eval.json): the table and the trade-off plot."""
+    from ldm.eval.scores import COLUMNS
+
+    parts = []
+    for path in sorted(run.glob("eval*/eval.json")):
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+            points = result["points"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        shown = [c for c in COLUMNS if any(p.get(c) is not None for p in points)]
+        head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in shown)
+        body = "".join("<tr>" + "".join(f"<td>{_cell(p.get(c))}</td>" for c in shown) + "</tr>" for p in points)
+        plot = path.parent / "tradeoff.png"
+        parts.append(f"<h3>Evaluation: {html.escape(str(path.parent.name))}</h3>"
+                     f'<p class="note">{html.escape(str(result.get("prompts", "")))}; {result.get("num_prompts", "?")} prompts</p>'
+                     f"<table><tr>{head}</tr>{body}</table>"
+                     + (f'<div class="plots">{img(plot.read_bytes(), "trade-off plot")}</div>' if plot.is_file() else ""))
+    return "".join(parts)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))
+
+
 def run_section(run: Path, anchor: str) -> str:
     config_path = run / "config.yaml"
     config = config_path.read_text(encoding="utf-8", errors="replace") if config_path.is_file() else ""
@@ -152,7 +188,8 @@ def run_section(run: Path, anchor: str) -> str:
     stage_name = {"vae": "stage 1: KL autoencoder", "unet": "stage 2: latent U-Net", "control": "control model"}.get(stage, "")
     records = read_records(run / "metrics.jsonl")
     parts = [f'<h2 id="{anchor}">{html.escape(str(run))}{" — " + stage_name if stage_name else ""}</h2>',
-             plots_section(records), grids_section(run / "samples", stage), checkpoints_section(run)]
+             plots_section(records), evaluations_section(run), grids_section(run / "samples", stage),
+             checkpoints_section(run)]
     parts.append("<h3>Config</h3>" + (f"<pre>{html.escape(config)}</pre>" if config else '<p class="note">no config.yaml</p>'))
     return "".join(parts)
 
@@ -194,8 +231,13 @@ def write_report(run_dirs: Iterable, out=None, title: Optional[str] = None) -> P
     return out
 
 
-def report_json_summary(path: Path) -> dict:
-    """What a test or a caller may want to know about a written report without parsing HTML."""
-    text = path.read_text(encoding="utf-8")
-    return {"bytes": len(text), "images": text.count("<img "), "external": re.findall(r'(?:src|href)="(?!data:|#)[^"]*"', text)}
+DEMO_RUNS = ("vae", "unet", "controlnet", "t2i-adapter")  # ldm-demo's run folders, in the order they train
 
+
+def write_demo_report(demo_dir="runs/demo") -> Path:
+    """DEMO_DIR/report.html over the demo's run folders that exist (both stages, and the control runs when they ran)."""
+    demo_dir = Path(demo_dir)
+    runs = [demo_dir / name for name in DEMO_RUNS if (demo_dir / name).is_dir()]
+    if not runs:
+        raise LdmError(f"no demo run folders ({', '.join(DEMO_RUNS)}) in {demo_dir}: run ldm-demo first")
+    return write_report(runs, demo_dir / "report.html", title=f"ldm demo: {demo_dir}")
