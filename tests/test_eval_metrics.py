@@ -159,6 +159,7 @@ class Exploit:
         return (print, ("pickled code ran",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the code-pickle case: torch notes the protocol
 @pytest.mark.parametrize("case", ["unset", "missing", "not-torch", "code-pickle", "foreign", "wrong-shapes", "bad-features"])
 def test_inception_file_errors_are_one_line(tmp_path, inception_file, case):
     path = tmp_path / "w.pth"
