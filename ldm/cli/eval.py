@@ -135,7 +135,7 @@ def is_shapes(records) -> bool:
     return True
 
 
-def load_metrics(args, chosen, real):
+def load_metrics(args, chosen, real, device="cpu"):
     """(InceptionMetrics with the real images in, or None; CLIP scorer or None), weight files checked."""
     inception = clip = None
     if "fid" in chosen or "kid" in chosen:
@@ -143,7 +143,7 @@ def load_metrics(args, chosen, real):
 
         if real is None:
             raise LdmError("FID and KID compare with real images: pass --data-config YAML (its held-out split)")
-        inception = InceptionMetrics.from_file(args.inception_weights, features=args.inception_features)
+        inception = InceptionMetrics.from_file(args.inception_weights, device=device, features=args.inception_features)
         for i in range(0, len(real), 64):
             batch = [real[j]["pixel_values"] for j in range(i, min(i + 64, len(real)))]
             import torch
@@ -152,7 +152,7 @@ def load_metrics(args, chosen, real):
     if "clip" in chosen:
         from ldm.eval.clip_score import load_clip
 
-        clip = load_clip(args.clip_model, args.clip_weights, args.clip_folder)
+        clip = load_clip(args.clip_model, args.clip_weights, args.clip_folder, device=device)
     return inception, clip
 
 
@@ -170,7 +170,7 @@ def _main(argv=None) -> int:
     start = time.time()
     from accelerate import PartialState
 
-    from ldm.eval.sweep import Point, load_images, make_missing, plan
+    from ldm.eval.sweep import Point, load_images, make_missing, pick, plan
     from ldm.model_parts import check_folder_parts_agree, check_model_folder
 
     check_model_folder(args.model)
@@ -179,12 +179,12 @@ def _main(argv=None) -> int:
     records = prompt_records(args, real)
     shapes = is_shapes(records)
     chosen = wanted_metrics(args, shapes)
+    state = PartialState()
     # Weight files first: a missing one fails now, not after an hour of sampling.
-    inception, clip = load_metrics(args, chosen, real)
+    inception, clip = load_metrics(args, chosen, real, pick(args.device, state))
     points = [Point(s, g) for s in args.steps for g in args.guidance_scales]
     jobs = plan(records, points, args.seed, args.num_images_per_prompt)
     root = Path(args.outdir) / "images"
-    state = PartialState()
     total = sum(len(j) for j in jobs.values())
     if state.is_main_process:
         print(f"{len(records)} prompts x {len(points)} points = {total} images in {root}")

@@ -79,6 +79,7 @@ class TorchmetricsClipScore:
         adapted = ProjectedFeatures(model)
         self.metric = CLIPScore(model_name_or_path=lambda: (adapted, processor))
         self.batch_size = batch_size
+        self.device = next(model.parameters()).device  # torchmetrics runs the model where the images are
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: List[str]) -> float:
@@ -86,7 +87,7 @@ class TorchmetricsClipScore:
             raise LdmError(f"CLIP score needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
         self.metric.reset()
         for i in range(0, len(images), self.batch_size):
-            self.metric.update(images[i : i + self.batch_size], list(prompts[i : i + self.batch_size]))
+            self.metric.update(images[i : i + self.batch_size].to(self.device), list(prompts[i : i + self.batch_size]))
         return float(self.metric.compute())
 
 
