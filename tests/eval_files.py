@@ -78,3 +78,44 @@ def write_hf_clip_folder(folder, seed: int = 0):
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
     return folder, model, processor
+
+
+def open_clip_as_transformers(model, config=TINY_OPEN_CLIP):
+    """The same weights in a transformers CLIPModel (GELU, pre-LayerNorm ViT and text transformer, CLS and EOT
+    pooling, both projections), so the open_clip CLIP score can be checked against torchmetrics' on one model."""
+    from transformers import CLIPConfig, CLIPModel
+
+    v, t, dim = config["vision_cfg"], config["text_cfg"], config["embed_dim"]
+    hf = CLIPModel(CLIPConfig(
+        text_config=dict(hidden_size=t["width"], intermediate_size=4 * t["width"], num_attention_heads=t["heads"],
+                         num_hidden_layers=t["layers"], vocab_size=t["vocab_size"], max_position_embeddings=t["context_length"],
+                         hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(hidden_size=v["width"], intermediate_size=4 * v["width"], num_attention_heads=v["width"] // v["head_width"],
+                           num_hidden_layers=v["layers"], image_size=v["image_size"], patch_size=v["patch_size"], hidden_act="gelu"),
+        projection_dim=dim,
+    ))
+    src = model.state_dict()
+    out = {"logit_scale": src["logit_scale"], "text_projection.weight": src["text_projection"].T,
+           "visual_projection.weight": src["visual.proj"].T,
+           "text_model.embeddings.token_embedding.weight": src["token_embedding.weight"],
+           "text_model.embeddings.position_embedding.weight": src["positional_embedding"],
+           "text_model.final_layer_norm.weight": src["ln_final.weight"], "text_model.final_layer_norm.bias": src["ln_final.bias"],
+           "vision_model.embeddings.class_embedding": src["visual.class_embedding"],
+           "vision_model.embeddings.patch_embedding.weight": src["visual.conv1.weight"],
+           "vision_model.embeddings.position_embedding.weight": src["visual.positional_embedding"],
+           "vision_model.pre_layrnorm.weight": src["visual.ln_pre.weight"], "vision_model.pre_layrnorm.bias": src["visual.ln_pre.bias"],
+           "vision_model.post_layernorm.weight": src["visual.ln_post.weight"], "vision_model.post_layernorm.bias": src["visual.ln_post.bias"]}
+    for ours, theirs, layers in (("transformer", "text_model", t["layers"]), ("visual.transformer", "vision_model", v["layers"])):
+        for n in range(layers):
+            a, b = f"{ours}.resblocks.{n}.", f"{theirs}.encoder.layers.{n}."
+            for name, x in zip("qkv", src[a + "attn.in_proj_weight"].chunk(3)):
+                out[b + f"self_attn.{name}_proj.weight"] = x
+            for name, x in zip("qkv", src[a + "attn.in_proj_bias"].chunk(3)):
+                out[b + f"self_attn.{name}_proj.bias"] = x
+            pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                     "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+            for o, h in pairs.items():
+                out[b + h + ".weight"], out[b + h + ".bias"] = src[a + o + ".weight"], src[a + o + ".bias"]
+    missing, unexpected = hf.load_state_dict(out, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    return hf.eval()

@@ -259,3 +259,26 @@ def test_clip_errors_are_one_line(tmp_path, case):
     with pytest.raises(LdmError) as e:
         load_clip(**kwargs)
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_open_clip_formula_agrees_with_torchmetrics_on_the_same_weights(tmp_path, hf_clip):
+    """One random CLIP twice: open_clip (our formula) and the same tensors in a transformers CLIPModel
+    (torchmetrics' CLIPScore). 32x32 images: both preprocessors leave them unresized."""
+    from eval_files import open_clip_as_transformers
+
+    name, path, model = write_open_clip_weights(tmp_path, seed=3)
+    _, _, processor = hf_clip  # the CLIP BPE tokenizer and an image processor at 32 px
+    hf = open_clip_as_transformers(model)
+    images = image_batch(6, n=4, size=32)
+    ours = load_open_clip(name, path).per_pair(images, PROMPTS)
+    theirs = FormulaClipScore(*hf_encoders(hf, processor)).per_pair(images, PROMPTS)
+    assert ours.std() > 1e-2
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=2e-4)  # 3e-5 measured
+    from ldm.eval.clip_score import TorchmetricsClipScore, aggregate
+
+    # torchmetrics' aggregate on the pairs that score above 0 (over all four the mean is clamped to 0).
+    keep = ours > 0
+    assert keep.any() and not keep.all()
+    kept = [p for p, k in zip(PROMPTS, keep) if k]
+    assert TorchmetricsClipScore(hf, processor)(images[keep], kept) == pytest.approx(aggregate(ours[keep]), abs=2e-4)
+    assert aggregate(ours[keep]) > 1 and aggregate(ours) == 0.0
