@@ -5,7 +5,8 @@
 3. train the text-conditioned latent U-Net on its latents (configs/unet/shapes.yaml);
 4. save the model folder at runs/demo/pipeline;
 5. sample 8 images for each of the 18 (colour, kind) prompts into a labelled grid, and
-   print the prompt-adherence table scored by the rule-based checker.
+   print the prompt-adherence table scored by the rule-based checker;
+6. write runs/demo/report.html over both stages' run folders (ldm-report).
 
 A re-run reuses each finished stage (its final/ folder), so an interrupted demo resumes.
 """
@@ -131,7 +132,10 @@ def _main(argv=None):
     report = {"seen": seen, "held_out": held, "per_prompt": rows, "guidance_scale": guidance,
               "num_inference_steps": args.steps, "train_seconds": timings, "total_seconds": time.time() - start}
     (out / "adherence.json").write_text(json.dumps(report, indent=2))
-    print(f"\nmodel folder: {pipeline}\nsample grid:  {out / 'samples.png'}\ntotal time:   {time.time() - start:.0f} s")
+    from ldm.eval.report import write_demo_report
+
+    page = write_demo_report(out)  # both stages (and the control runs when they ran) on one page
+    print(f"\nmodel folder: {pipeline}\nsample grid:  {out / 'samples.png'}\nreport:       {page}\ntotal time:   {time.time() - start:.0f} s")
 
 
 def main(argv=None):
