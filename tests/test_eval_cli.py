@@ -183,3 +183,11 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "--guidance-scales" in capsys.readouterr().out
+
+
+def test_kid_alone_reports_kid_only(tiny_model_dir, files, tmp_path):
+    out = tmp_path / "eval"
+    assert run(tiny_model_dir, out, "--data-config", str(files["data"]), "--guidance-scales", "3", "--metrics", "kid",
+               "--inception-weights", str(files["inception"]), "--inception-features", "64") == 0
+    (point,) = json.loads((out / "eval.json").read_text())["points"]
+    assert set(point) == {"steps", "guidance_scale", "images", "folder", "kid", "kid_std"}

@@ -204,11 +204,9 @@ def _main(argv=None) -> int:
         images, prompts = load_images(root, jobs[point])
         row = {"steps": point.steps, "guidance_scale": point.guidance_scale, "images": len(images), "folder": point.folder}
         scores = score_point(images, prompts, inception, clip, "adherence" in chosen)
-        if "fid" not in chosen:  # asked for KID alone: FID came along (same features) but is not reported
-            scores.pop("fid", None)
-        if "kid" not in chosen:
-            scores.pop("kid", None), scores.pop("kid_std", None)
-        rows.append({**row, **scores})
+        # Asked for one of FID and KID: the other came along (same features) but is not reported.
+        unasked = {"fid"} - set(chosen) | ({"kid", "kid_std"} if "kid" not in chosen else set())
+        rows.append({**row, **{k: v for k, v in scores.items() if k not in unasked}})
     print(format_table(rows))
     outdir = Path(args.outdir)
     plot = plot_points(rows, outdir / "tradeoff.png")
