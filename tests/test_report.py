@@ -112,6 +112,7 @@ def test_report_is_one_self_contained_file(tmp_path):
     assert torch.__version__ in html and "cpu count" in html  # the machine
     assert "25 records" in html  # 20 training + 4 validation records + 1; the torn last line skipped
     assert "logged once: scaling_factor 0.8406 (step 200)" in html
+    assert "latest values: step 200, loss 0.005, lr 0.0001" in html and "val_loss_t900 0.48" in html
 
 
 def test_several_runs_on_one_page_and_many_grids_are_thinned(tmp_path):

@@ -64,7 +64,7 @@ def line_plot(series: Dict[str, Series], title: str, ylabel: str = "", smooth: b
     for i, (label, (x, y)) in enumerate(series.items()):
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
         style = dict(color="black", linewidth=2.2, zorder=3) if label == emphasize else dict(color=f"C{i % 10}", linewidth=1.3)
-        if smooth and len(y) > 2:
+        if smooth and smoothing_weight(len(y)) > 0:  # short runs: a window of one point would smooth nothing
             ax.plot(x, y, alpha=0.25, linewidth=1.0, color=style["color"])
             ax.plot(x, smoothed(y), label=f"{label} (smoothed)", **style)
         else:

@@ -106,10 +106,11 @@ def plots_section(records: List[dict]) -> str:
         parts.append('<p class="note">logged once: ' + html.escape(", ".join(
             f"{k} {v[0]:.4g} (step {s[0]:g})" for k, (s, v) in once.items())) + "</p>")
     if records:
-        last = records[-1]
-        summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool))
-        parts.insert(0, f'<p class="note">{len(records)} records; last: {html.escape(summary)}</p>')
+        latest = {}
+        for r in records:  # each key's latest value (training and validation records alternate)
+            latest.update({k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in latest.items())
+        parts.insert(0, f'<p class="note">{len(records)} records; latest values: {html.escape(summary)}</p>')
     return "".join(parts) or '<p class="note">no metrics.jsonl records yet</p>'
 
 
