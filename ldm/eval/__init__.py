@@ -4,9 +4,12 @@
     inception.py    the FID Inception network from torch-fidelity's local weights file
     fid_kid.py      FID and KID (torchmetrics) on one pass of the Inception network
     clip_score.py   CLIP score from a local CLIP (open_clip name + weights file, or a transformers folder)
-    plots.py        matplotlib (Agg) figures as PNG bytes
-    report.py       ldm-report: RUN_DIR/report.html, one self-contained file
     sweep.py        ldm-eval's images: prompts x guidance scales x step counts, resumable, split across processes
+    scores.py       ldm-eval's numbers per point, its table, JSON and trade-off plot
+    plots.py        matplotlib (Agg) figures as PNG bytes
+    metrics_log.py  metrics.jsonl as the report reads it (the keys and their figures)
+    machine.py      the machine a report or evaluation was made on
+    report.py       ldm-report: RUN_DIR/report.html, one self-contained file
 
 Nothing here downloads: every network is a local file, and a metric asked for without
 its file is an `LdmError` that names the file and where users get it.
