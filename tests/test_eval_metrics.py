@@ -261,6 +261,17 @@ def test_clip_errors_are_one_line(tmp_path, case):
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
 
 
+def test_errors_name_the_callers_config_keys(tmp_path):
+    """A training config that evaluates passes its own keys: the errors name those, not the flags."""
+    keys = {"name": "eval.clip_model", "weights": "eval.clip_weights", "folder": "eval.clip_folder"}
+    with pytest.raises(LdmError, match=r"needs eval.clip_weights .*open_clip_pytorch_model.bin"):
+        load_clip("ViT-B-32", settings=keys)
+    with pytest.raises(LdmError, match="eval.clip_model NAME eval.clip_weights FILE"):
+        load_clip(settings=keys)
+    with pytest.raises(LdmError, match=f"FID and KID needs eval.inception_weights .*{INCEPTION_FILE}"):
+        InceptionMetrics.from_file(None, setting="eval.inception_weights")
+
+
 def test_open_clip_formula_agrees_with_torchmetrics_on_the_same_weights(tmp_path, hf_clip):
     """One random CLIP twice: open_clip (our formula) and the same tensors in a transformers CLIPModel
     (torchmetrics' CLIPScore). 32x32 images: both preprocessors leave them unresized."""

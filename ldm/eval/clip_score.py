@@ -127,7 +127,10 @@ def open_clip_encoders(model, preprocess, tokenizer, device="cpu"):
     return encode_images, encode_texts
 
 
-def load_hf_clip(folder, setting: str = "--clip-folder", device="cpu") -> TorchmetricsClipScore:
+CLI_SETTINGS = {"name": "--clip-model", "weights": "--clip-weights", "folder": "--clip-folder"}
+
+
+def load_hf_clip(folder, setting: str = CLI_SETTINGS["folder"], device="cpu") -> TorchmetricsClipScore:
     from transformers import CLIPModel, CLIPProcessor
 
     folder = require_folder(folder, setting, "CLIP score", WHERE_HF_CLIP)
@@ -139,12 +142,13 @@ def load_hf_clip(folder, setting: str = "--clip-folder", device="cpu") -> Torchm
     return TorchmetricsClipScore(model.to(device).eval(), processor)
 
 
-def load_open_clip(name: str, weights, setting: str = "--clip-weights", device="cpu") -> FormulaClipScore:
+def load_open_clip(name: str, weights, setting: str = CLI_SETTINGS["weights"], device="cpu",
+                   name_setting: str = CLI_SETTINGS["name"]) -> FormulaClipScore:
     import open_clip
 
     path = require_file(weights, setting, f"CLIP score with open_clip model {name}", WHERE_OPEN_CLIP)
     if name not in open_clip.list_models():
-        raise LdmError(f"--clip-model: open_clip has no model named '{name}' (e.g. ViT-B-32, ViT-H-14; see open_clip.list_models())")
+        raise LdmError(f"{name_setting}: open_clip has no model named '{name}' (e.g. ViT-B-32, ViT-H-14; see open_clip.list_models())")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path), device=device)
     except (RuntimeError, KeyError, ValueError) as e:
@@ -154,13 +158,17 @@ def load_open_clip(name: str, weights, setting: str = "--clip-weights", device="
 
 
 def load_clip(open_clip_name: Optional[str] = None, open_clip_weights: Optional[str] = None,
-              hf_folder: Optional[str] = None, device="cpu"):
-    """A CLIP scorer from one local CLIP: `open_clip_name` + `open_clip_weights`, or `hf_folder`."""
+              hf_folder: Optional[str] = None, device="cpu", settings: Optional[dict] = None):
+    """A CLIP scorer from one local CLIP: `open_clip_name` + `open_clip_weights`, or `hf_folder`.
+
+    `settings` names the three options in errors ({"name", "weights", "folder"}): the command-line
+    flags by default; a training config passes its keys."""
+    names = {**CLI_SETTINGS, **(settings or {})}
     if hf_folder is not None and (open_clip_name or open_clip_weights):
-        raise LdmError("give one CLIP: --clip-folder (transformers) or --clip-model with --clip-weights (open_clip), not both")
+        raise LdmError(f"give one CLIP: {names['folder']} (transformers) or {names['name']} with {names['weights']} (open_clip), not both")
     if hf_folder is not None:
-        return load_hf_clip(hf_folder, device=device)
+        return load_hf_clip(hf_folder, names["folder"], device=device)
     if open_clip_name is None:
-        raise LdmError(f"CLIP score needs a local CLIP: --clip-model NAME --clip-weights FILE ({WHERE_OPEN_CLIP}) "
-                       f"or --clip-folder DIR ({WHERE_HF_CLIP})")
-    return load_open_clip(open_clip_name, open_clip_weights, device=device)
+        raise LdmError(f"CLIP score needs a local CLIP: {names['name']} NAME {names['weights']} FILE ({WHERE_OPEN_CLIP}) "
+                       f"or {names['folder']} DIR ({WHERE_HF_CLIP})")
+    return load_open_clip(open_clip_name, open_clip_weights, names["weights"], device=device, name_setting=names["name"])
