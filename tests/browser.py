@@ -8,11 +8,13 @@ the images that did not decode, and a PNG screenshot.
 """
 
 import base64
+import fcntl
 import json
 import os
 import queue
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -45,21 +47,19 @@ class Chromium:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
 
-        def fds():  # in the child: the protocol's fixed descriptors 3 (commands in) and 4 (replies out)
-            # Copy both out of the way first: either end may itself be fd 3 or 4, and dup2 onto the
-            # same number would leave it close-on-exec.
-            commands, replies = os.dup(to_browser_r), os.dup(from_browser_w)
-            os.dup2(commands, 3)
-            os.dup2(replies, 4)
-
         args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                 "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
                 "--mute-audio", f"--user-data-dir={self.profile}", "--remote-debugging-pipe",
                 f"--window-size={width},{height}", "about:blank"]
-        self.proc = subprocess.Popen(args, preexec_fn=fds, close_fds=False,
+        # The protocol's fixed descriptors, 3 (commands in) and 4 (replies out): a small Python trampoline moves
+        # our pipe ends there and execs the browser (no preexec_fn, unsafe in a process with threads). The ends
+        # are first copied to 10 and above, so that neither is itself 3 or 4 when moved.
+        r, w = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_browser_w, fcntl.F_DUPFD, 10)
+        trampoline = f"import os, sys; os.dup2({r}, 3); os.dup2({w}, 4); os.close({r}); os.close({w}); os.execv(sys.argv[1], sys.argv[1:])"
+        self.proc = subprocess.Popen([sys.executable, "-c", trampoline, *args], pass_fds=(r, w),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_browser_r)
-        os.close(from_browser_w)
+        for fd in (r, w, to_browser_r, from_browser_w):
+            os.close(fd)
         self.width, self.height = width, height
         self.next_id = 0
         self.messages: "queue.Queue[dict]" = queue.Queue()
