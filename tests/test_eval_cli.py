@@ -130,17 +130,20 @@ class FakePartialState:
     device = torch.device("cpu")
     split_between_processes = PartialState.split_between_processes
 
+    def __init__(self, cpu=False):
+        pass
+
     def wait_for_everyone(self):
         pass
 
 
 def test_under_accelerate_each_process_makes_its_share(tiny_model_dir, tmp_path, monkeypatch):
-    import accelerate
+    import ldm.eval.sweep
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\nb\nc\nd\ne\n")
     out = tmp_path / "eval"
-    monkeypatch.setattr(accelerate, "PartialState", FakePartialState)
+    monkeypatch.setattr(ldm.eval.sweep, "process_state", FakePartialState)
     assert run(tiny_model_dir, out, "--prompts", str(prompts), "--guidance-scales", "1") == 0
     # 5 images over 2 processes: process 0 takes 3, process 1 the last 2; only the main process scores.
     assert pngs(out) == ["steps2-cfg1/00004-s0000000004.png", "steps2-cfg1/00005-s0000000005.png"]
@@ -191,3 +194,30 @@ def test_kid_alone_reports_kid_only(tiny_model_dir, files, tmp_path):
                "--inception-weights", str(files["inception"]), "--inception-features", "64") == 0
     (point,) = json.loads((out / "eval.json").read_text())["points"]
     assert set(point) == {"steps", "guidance_scale", "images", "folder", "kid", "kid_std"}
+
+
+def test_two_real_processes_make_the_images_one_process_makes(tiny_model_dir, tmp_path):
+    """torchrun with two processes (gloo on the CPU), as under `accelerate launch`: each makes its share,
+    the main process scores; the images are those of one process, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\n")
+    flags = ["--model", str(tiny_model_dir), "--prompts", str(prompts), "--guidance-scales", "1,4", "--steps", "2",
+             "--device", "cpu", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ldm.cli.eval", *flags, "--outdir", str(two)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.stdout.count("results: ") == 1  # only the main process scores
+    one = tmp_path / "one"
+    assert main([*flags, "--outdir", str(one)]) == 0
+    assert pngs(two) == pngs(one) and len(pngs(one)) == 6
+    for name in pngs(one):
+        assert (two / "images" / name).read_bytes() == (one / "images" / name).read_bytes(), name
+    strip = lambda r: [{k: v for k, v in p.items()} for p in r["points"]]  # noqa: E731
+    assert strip(json.loads((two / "eval.json").read_text())) == strip(json.loads((one / "eval.json").read_text()))

@@ -12,7 +12,8 @@ split. For every (step count, guidance scale) point it makes one image per promp
 --num-images-per-prompt), reusing those already in OUTDIR/images, then scores them:
 FID and KID (--inception-weights), CLIP score (--clip-model + --clip-weights, or
 --clip-folder), and on shapes prompts the adherence checker. It writes OUTDIR/eval.json,
-prints a table, and plots OUTDIR/tradeoff.png. Nothing is downloaded: see docs for the files.
+prints a table, and plots OUTDIR/tradeoff.png. Nothing is downloaded: docs/evaluation.md says
+where to get each weights file.
 """
 
 import argparse
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder (model_index.json, unet/, vae/, ...)")
     p.add_argument("--outdir", required=True, help="images/, eval.json and tradeoff.png go here; a re-run reuses the images")
     p.add_argument("--prompts", default=None, help=".txt or .jsonl prompt file (default: the held-out captions of --data-config)")
-    p.add_argument("--data-config", default=None, help="a stage config YAML (e.g. the model's ldm_config.yaml): its held-out split "
+    p.add_argument("--data-config", default=None, help="a stage-2 config YAML (e.g. the model folder's ldm_config.yaml): its held-out split "
                    "gives the real images for FID/KID and, without --prompts, the prompts")
     p.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for --data-config, e.g. data.num_validation=256")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
@@ -168,9 +169,7 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     start = time.time()
-    from accelerate import PartialState
-
-    from ldm.eval.sweep import Point, load_images, make_missing, pick, plan
+    from ldm.eval.sweep import Point, load_images, make_missing, pick, plan, process_state
     from ldm.model_parts import check_folder_parts_agree, check_model_folder
 
     check_model_folder(args.model)
@@ -179,7 +178,7 @@ def _main(argv=None) -> int:
     records = prompt_records(args, real)
     shapes = is_shapes(records)
     chosen = wanted_metrics(args, shapes)
-    state = PartialState()
+    state = process_state()
     # Weight files first: a missing one fails now, not after an hour of sampling.
     inception, clip = load_metrics(args, chosen, real, pick(args.device, state))
     points = [Point(s, g) for s in args.steps for g in args.guidance_scales]

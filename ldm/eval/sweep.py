@@ -104,6 +104,19 @@ def make_missing(jobs: Dict[Point, List[Job]], args, root: Path, state) -> int:
     return len(todo)
 
 
+def process_state():
+    """accelerate's PartialState: this process's rank, the process count and device.
+
+    On machines without a GPU (or with ACCELERATE_USE_CPU set, as `accelerate launch --cpu` sets it)
+    PartialState must be told `cpu=True` to join the processes over gloo; otherwise each process of
+    a CPU `torchrun` would think it is alone and make every image."""
+    import torch
+    from accelerate import PartialState
+
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    return PartialState(cpu=use_cpu)
+
+
 def pick(name: str, state):
     """The process's own device under accelerate (`--device auto`), otherwise as ldm-sample picks it."""
     from ldm.cli.sample import pick_device
