@@ -15,6 +15,7 @@ from typing import Iterable
 import torch
 from diffusers import AutoencoderKL
 
+from ldm.codec import LatentCodec
 from ldm.errors import LdmError
 
 
@@ -56,10 +57,11 @@ def measure_latent_stats(vae, batches: Iterable[torch.Tensor], num_samples: int,
     Returns a dict of config entries: `scaling_factor`, and with `per_channel` the
     `latents_mean` / `latents_std` lists diffusers' AutoencoderKL config also carries.
     """
+    codec = LatentCodec(vae)
     latents, seen = [], 0
     for images in batches:
         images = images[: num_samples - seen]
-        latents.append(vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample().float().cpu())
+        latents.append(codec.sample(*codec.encode(images)).float().cpu())  # unscaled: this measures the scale
         seen += len(images)
         if seen >= num_samples:
             break

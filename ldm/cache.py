@@ -6,7 +6,9 @@
   shard-00000.safetensors    per sample: the VAE posterior's `mean` and `std` (float32), the
   shard-00001.safetensors    same for the horizontally flipped image (`mean_flip`, `std_flip`)
   ...                        when data.random_flip is on, and for a frozen text encoder its
-                             hidden states (`context`); captions in the shard's metadata
+                             hidden states (`context`); with data.conditioning the control
+                             image (`conditioning`, uint8 [3, H, W]; its mirror image is
+                             flipped at training time, exactly); captions in the shard's metadata
   empty_context.safetensors  the hidden states of "" (caption dropout feeds them)
   index.json                 written last: the shards and their sizes; no index, no cache
 
@@ -35,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ldm.codec import LatentCodec
 from ldm.errors import LdmError
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,8 @@ def cache_config(cfg, vae) -> dict:
         "data": source_description(cfg.data),
         "random_flip": cfg.data.random_flip,
         "text_encoder": text,  # None: no hidden states cached
+        # Only when on, so that caches without controls keep the config they always had.
+        **({"conditioning": True} if cfg.data.conditioning else {}),
     }
 
 
@@ -117,6 +122,11 @@ def check_cache(cfg, vae) -> dict:
     if wanted["random_flip"] and not cached["random_flip"]:
         raise LdmError(f"data.cache={folder} has no flipped latents but data.random_flip is on: {rerun} (or data.random_flip=false)")
     cached["random_flip"] = wanted["random_flip"]
+    if wanted.get("conditioning") and not cached.get("conditioning"):
+        raise LdmError(f"data.cache={folder} has no control images but data.conditioning is on: {rerun}")
+    # A cache with controls serves a run without them.
+    cached.pop("conditioning", None)
+    wanted.pop("conditioning", None)
     if cached["text_encoder"] is None or wanted["text_encoder"] is None:
         cached["text_encoder"] = wanted["text_encoder"]
     if cached["vae"]["fingerprint"] == wanted["vae"]["fingerprint"]:
@@ -162,13 +172,17 @@ class Encoders:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, captions: List[str]) -> dict:
-        """Posterior mean/std of the images (and of their mirror images), hidden states of the captions."""
+        """Posterior mean/std of the images (and of their mirror images), hidden states of the captions.
+
+        The posterior comes from `ldm.codec.LatentCodec.encode`, as in the uncached training loop.
+        """
         pixels = pixels.to(self.device)
         views = {"": pixels, "_flip": pixels.flip(-1)} if self.flips else {"": pixels}
         out = {}
+        codec = LatentCodec(self.vae)
         for suffix, x in views.items():
-            posterior = self.vae.encode(x).latent_dist
-            out["mean" + suffix], out["std" + suffix] = posterior.mean.float().cpu(), posterior.std.float().cpu()
+            mean, std = codec.encode(x)
+            out["mean" + suffix], out["std" + suffix] = mean.float().cpu(), std.float().cpu()
         if self.text_encoder is not None:
             out["context"] = self.text(captions)
         return out
@@ -182,6 +196,9 @@ def encode_unit(encoders: Encoders, items: Iterator[dict], batch_size: int, prog
         pixels = torch.stack([item["pixel_values"] for item in batch])
         texts = [item["caption"] for item in batch]
         parts.append(encoders.encode(pixels, texts))
+        if "conditioning_pixel_values" in batch[0]:  # [0, 1] floats of 8-bit images: uint8 holds them exactly
+            control = torch.stack([item["conditioning_pixel_values"] for item in batch])
+            parts[-1]["conditioning"] = (control * 255).round().to(torch.uint8)
         captions.extend(texts)
         progress.update(len(batch))
         batch.clear()
@@ -202,16 +219,18 @@ def units_of(data_cfg) -> Tuple[int, callable, int]:
     from ldm.data import build_dataset
 
     if data_cfg.source == "webdataset":
-        from ldm.data.transforms import image_transform
+        from ldm.data.transforms import image_transform, paired_transform
         from ldm.data.webdataset import decode, expand_shards, read_samples, sample_name
 
         shards = expand_shards(data_cfg.path)
-        transform = image_transform(data_cfg.resolution, center_crop=True)
+        transform = (paired_transform if data_cfg.conditioning else image_transform)(data_cfg.resolution, center_crop=True)
 
         def tar_items(unit):
             for sample in read_samples([shards[unit]]):
                 try:
                     yield decode(sample, transform)
+                except LdmError:  # a sample without its control: the data, not a bad file
+                    raise
                 except Exception as e:  # noqa: BLE001 - a bad sample is skipped, as in training
                     logger.warning("skipping undecodable sample %s (%s: %s)", sample_name(sample), type(e).__name__, e)
 

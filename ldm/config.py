@@ -45,6 +45,11 @@ class DataConfig:
     random_flip: bool = False
     num_workers: int = 0
     num_validation: int = 64  # images held out of training for validation
+    # Control images (ControlNet / T2I-Adapter training): items also carry
+    # "conditioning_pixel_values", float (3, res, res) in [0, 1], cropped and flipped with
+    # their image. shapes: the shape's outline; folder: the metadata line's
+    # "conditioning_image"; webdataset: the sample's "cond.png".
+    conditioning: bool = False
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -190,6 +195,14 @@ class UNetModelConfig:
 
 @dataclass
 class ObjectiveConfig:
+    """The stage-2 loss (`ldm.objectives.build_objective`)."""
+
+    # "ddpm" (Ho et al. 2020; the options below up to offset_noise), "edm" (Karras et al.
+    # 2022) or "flow" (rectified flow matching, Esser et al. 2024).
+    kind: str = "ddpm"
+    # How noise levels are drawn; null: the kind's default. ddpm: uniform (default) | cubic
+    # (T2I-Adapter); edm: log_normal; flow: logit_normal (default) | uniform.
+    timestep_sampling: Optional[str] = None
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
@@ -205,6 +218,18 @@ class ObjectiveConfig:
     # Offset noise (Guttenberg 2023): eps + offset_noise * per-channel N(0, 1), so the model
     # can change an image's mean brightness. 0.1 is the usual value; 0: off.
     offset_noise: float = 0.0
+    # kind=edm: ln(sigma) ~ N(p_mean, p_std^2) in training; sigma_data is the latents' std
+    # (1: they are scaled to unit variance); sampling runs the Karras schedule from sigma_max
+    # to sigma_min with exponent rho (Karras et al. 2022, Table 1).
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_data: float = 1.0
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    # kind=flow: t = sigmoid(n), n ~ N(logit_mean, logit_std^2) (Esser et al. 2024, eq. 19).
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
 
 @dataclass
@@ -226,6 +251,44 @@ class UNetStageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/unet", learning_rate=2e-4))
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+# ---------------------------------------------------------------- control stage
+
+
+@dataclass
+class ControlModelConfig:
+    """What the control stage trains on top of the frozen base model (see ldm.control.models)."""
+
+    kind: str = "controlnet"  # "controlnet" | "t2i_adapter"
+    # An existing ControlNet / T2I-Adapter folder to continue from; None: a ControlNet copied from
+    # the base U-Net (zero convolutions fresh), or a freshly initialised adapter.
+    init_from: Optional[str] = None
+    adapter_type: str = "full_adapter"  # T2I-Adapter: "full_adapter" | "light_adapter"
+    num_res_blocks: int = 2  # T2I-Adapter residual blocks per level
+    # Probability of a blank (all-black) control image for a training example.
+    conditioning_dropout: float = 0.05
+    # Timestep sampling: None follows the method's paper: "uniform" for ControlNet, "cubic"
+    # (more noisy steps, where layout is decided) for T2I-Adapter (Mou et al. 2023, sec. 3.4).
+    timestep_sampling: Optional[str] = None
+    caption_dropout: float = 0.1  # as in stage 2: the unconditional branch for CFG stays trained
+    conditioning_scale: float = 1.0  # for the validation grids
+
+
+@dataclass
+class ControlValidationConfig(ValidationConfig):
+    num_controls: int = 6  # control | sample pairs in each validation grid, from the held-out split
+
+
+@dataclass
+class ControlStageConfig:
+    # The frozen base: a model folder from train_unet.py / ldm-demo, or a diffusers Stable Diffusion folder.
+    base_model: str = "runs/demo/pipeline"
+    control: ControlModelConfig = field(default_factory=ControlModelConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(conditioning=True))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/control", learning_rate=1e-4))
+    validation: ControlValidationConfig = field(default_factory=ControlValidationConfig)
 
 
 # ---------------------------------------------------------------- loading

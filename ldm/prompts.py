@@ -3,12 +3,16 @@
 Every record keeps its 1-based line number: outputs are named from it, and every error
 names it. The whole file is read and checked before any image is made, so a typo on
 line 900 does not surface after an hour of sampling.
+
+For conditional control a .jsonl line names its control image, `"image": "edges/1.png"`
+(relative to the prompt file's folder; a list of paths for several ControlNets), and may
+set `controlnet_conditioning_scale` / `adapter_conditioning_scale` (a number, or a list).
 """
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from ldm.errors import LdmError
 
@@ -19,6 +23,15 @@ FIELDS = {
     "seed": ((int,), "an integer"),
     "guidance_scale": ((int, float), "a number"),
     "num_inference_steps": ((int,), "an integer"),
+    "image": ((str, list), "a path or a list of paths"),
+    "controlnet_conditioning_scale": ((int, float, list), "a number or a list of numbers"),
+    "adapter_conditioning_scale": ((int, float, list), "a number or a list of numbers"),
+}
+# What the items of a list-valued field must be.
+LIST_ITEMS = {
+    "image": ((str,), "paths"),
+    "controlnet_conditioning_scale": ((int, float), "numbers"),
+    "adapter_conditioning_scale": ((int, float), "numbers"),
 }
 
 
@@ -30,6 +43,9 @@ class PromptRecord:
     seed: Optional[int] = None
     guidance_scale: Optional[float] = None
     num_inference_steps: Optional[int] = None
+    image: Optional[List[str]] = None  # control image paths, resolved against the prompt file's folder
+    controlnet_conditioning_scale: Optional[Union[float, List[float]]] = None
+    adapter_conditioning_scale: Optional[Union[float, List[float]]] = None
 
 
 def _lines(path: Path):
@@ -62,6 +78,12 @@ def _check_field(path, number, key, value) -> None:
     types, words = FIELDS[key]
     if isinstance(value, bool) or not isinstance(value, types):
         raise LdmError(f"{path}, line {number}: '{key}' must be {words}, got {json.dumps(value, ensure_ascii=False)}")
+    if isinstance(value, list):
+        types, words = LIST_ITEMS[key]
+        if not value or any(isinstance(v, bool) or not isinstance(v, types) for v in value):
+            raise LdmError(f"{path}, line {number}: '{key}' must be a non-empty list of {words}, got {json.dumps(value, ensure_ascii=False)}")
+    if key == "image" and not all(p.strip() for p in ([value] if isinstance(value, str) else value)):
+        raise LdmError(f"{path}, line {number}: 'image' is empty: give the control image's path")
 
 
 def _jsonl_records(path: Path) -> List[PromptRecord]:
@@ -81,6 +103,9 @@ def _jsonl_records(path: Path) -> List[PromptRecord]:
             raise LdmError(f"{path}, line {number}: missing or empty \"prompt\"")
         if obj.get("num_inference_steps", 1) < 1:
             raise LdmError(f"{path}, line {number}: num_inference_steps must be at least 1")
+        if "image" in obj:
+            images = [obj["image"]] if isinstance(obj["image"], str) else obj["image"]
+            obj["image"] = [str(path.parent / p) for p in images]  # an absolute path stays as it is
         records.append(PromptRecord(line=number, **obj))
     return records
 

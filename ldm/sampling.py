@@ -20,12 +20,24 @@ def step_kwargs(scheduler, eta: float, generator) -> dict:
     return {name: value for name, value in (("eta", eta), ("generator", generator)) if name in params}
 
 
-def predict_noise(unet, x, t, embeds, max_batch_size: Optional[int] = None) -> torch.Tensor:
-    """The U-Net's prediction for a batch, in chunks of at most `max_batch_size` (bounds peak memory)."""
+def batch_rows(kwargs: dict, rows: slice) -> dict:
+    """The rows `rows` of every tensor (or list of tensors) in U-Net keyword arguments."""
+    return {k: [v[rows] for v in value] if isinstance(value, (list, tuple)) else value[rows] for k, value in kwargs.items()}
+
+
+def predict_noise(unet, x, t, embeds, max_batch_size: Optional[int] = None, unet_kwargs: Optional[dict] = None) -> torch.Tensor:
+    """The U-Net's prediction for a batch, in chunks of at most `max_batch_size` (bounds peak memory).
+
+    `unet_kwargs`: more per-row U-Net arguments (a control model's residuals), cut along with the batch.
+    """
+    unet_kwargs = unet_kwargs or {}
     if not max_batch_size or len(x) <= max_batch_size:
-        return unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
-    chunks = zip(x.split(max_batch_size), embeds.split(max_batch_size))
-    return torch.cat([unet(xc, t, encoder_hidden_states=ec, return_dict=False)[0] for xc, ec in chunks])
+        return unet(x, t, encoder_hidden_states=embeds, **unet_kwargs, return_dict=False)[0]
+    chunks = [slice(i, i + max_batch_size) for i in range(0, len(x), max_batch_size)]
+    return torch.cat([
+        unet(x[rows], t, encoder_hidden_states=embeds[rows], **batch_rows(unet_kwargs, rows), return_dict=False)[0]
+        for rows in chunks
+    ])
 
 
 @torch.no_grad()
@@ -43,6 +55,7 @@ def sample_cfg(
     callback: Optional[Callable] = None,
     progress: Union[bool, Callable] = True,
     max_batch_size: Optional[int] = None,
+    control: Optional[Callable] = None,
 ) -> torch.Tensor:
     """Denoise `latents` (unit-variance noise) into clean latents with classifier-free guidance.
 
@@ -55,6 +68,9 @@ def sample_cfg(
     below the U-Net runs on the prompt alone. `callback(step, timestep, latents)` may return
     new latents. `progress` is a bool or a tqdm-like factory such as a pipeline's
     `progress_bar`. `max_batch_size` splits each U-Net call into smaller ones.
+    `control(step, num_steps, timestep, model_input, embeds)` (a ControlNet or T2I-Adapter,
+    see `ldm.pipeline_control`) returns more U-Net keyword arguments for the whole batch
+    (e.g. `down_block_additional_residuals`), or None.
     """
     do_cfg = guidance_scale > 1.0
     if do_cfg and negative_embeds is None:
@@ -63,8 +79,12 @@ def sample_cfg(
     #    so this comes before the noise is scaled.
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
-    # 2. Scale the unit-variance noise to the scheduler's first noise level (1 for DDIM).
-    latents = latents * scheduler.init_noise_sigma
+    # 2. Scale the unit-variance noise to the scheduler's first noise level (1 for DDIM,
+    #    sqrt(sigma_max^2 + 1) for EDM). Flow matching starts from unit noise and has no
+    #    init_noise_sigma, as diffusers' SD3 pipeline knows.
+    init_sigma = getattr(scheduler, "init_noise_sigma", None)
+    if init_sigma is not None:
+        latents = latents * init_sigma
     # 3. One batch for both passes: [unconditional, conditional], as diffusers orders it.
     embeds = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
     extra = step_kwargs(scheduler, eta, generator)
@@ -73,10 +93,13 @@ def sample_cfg(
     )
     with bar:
         for i, t in enumerate(timesteps):
-            # 4. Per-step input scaling (identity for DDIM, 1/sqrt(sigma^2+1) for Euler-type).
+            # 4. Per-step input scaling (identity for DDIM, 1/sqrt(sigma^2+1) for Euler-type,
+            #    EDM's c_in); flow matching feeds x_t as it is (no scale_model_input).
             x = torch.cat([latents] * 2) if do_cfg else latents
-            x = scheduler.scale_model_input(x, t)
-            noise_pred = predict_noise(unet, x, t, embeds, max_batch_size)
+            if hasattr(scheduler, "scale_model_input"):
+                x = scheduler.scale_model_input(x, t)
+            unet_kwargs = control(i, len(timesteps), t, x, embeds) if control is not None else None
+            noise_pred = predict_noise(unet, x, t, embeds, max_batch_size, unet_kwargs)
             # 5. Guidance: move from the unconditional prediction towards the conditional one.
             if do_cfg:
                 uncond, cond = noise_pred.chunk(2)

@@ -43,3 +43,25 @@ def test_demo_runs_both_stages_and_writes_grid_table_and_model(tmp_path, capsys)
     # A second run reuses both finished stages instead of training again.
     assert demo.main(argv) == 0
     assert "reusing" in capsys.readouterr().out
+
+
+def test_demo_control_trains_both_methods_and_scores_them(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = [
+        "--out", str(out), "--images-per-prompt", "1", "--steps", "2", "--control",
+        "--vae", *TINY, "scale_samples=16",
+        "--unet", *TINY, "validation.num_inference_steps=2",
+        "--control-overrides", *TINY, "validation.num_inference_steps=2", "validation.num_controls=2",
+    ]
+    assert demo.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ControlNet" in printed and "T2I-Adapter" in printed and "control off" in printed
+    report = json.loads((out / "control.json").read_text())
+    assert set(report["methods"]) == {"ControlNet", "T2I-Adapter", "control off"}
+    for scores in report["methods"].values():
+        assert 0.0 <= scores["iou"] <= 1.0 and 0.0 <= scores["colour_adherence"] <= 1.0
+        assert 0.0 <= scores["held_out_iou"] <= 1.0
+    for folder, cls in (("controlnet", "ControlNetModel"), ("t2i-adapter", "T2IAdapter")):
+        assert json.loads((out / folder / "final/config.json").read_text())["_class_name"] == cls
+    grid = Image.open(out / "control.png")
+    assert grid.height > 18 * 32  # 18 rows: control | ControlNet | T2I-Adapter | control off

@@ -185,7 +185,7 @@ def test_zero_terminal_snr_needs_v_prediction():
 
 
 def test_zero_terminal_snr_samples_from_the_last_step():
-    from ldm.train.unet_loop import sampling_scheduler
+    from ldm.objectives.ddpm import ddim_scheduler as sampling_scheduler
 
     ddim = sampling_scheduler(build_noise_scheduler(ObjectiveConfig(prediction_type="v_prediction", rescale_zero_terminal_snr=True)))
     ddim.set_timesteps(10)

@@ -15,7 +15,7 @@ import torch
 from accelerate import init_empty_weights
 
 from ldm.config import UNetStageConfig, load_config
-from ldm.objective import add_noise, build_noise_scheduler, min_snr_weights, sample_noise, training_target
+from ldm.objectives import build_objective
 from ldm.text_encoder import build_open_clip_text_model, build_text_encoder, encode_text, hidden_size, tokenize
 from ldm.train.optim import build_optimizer
 from ldm.unet import build_unet
@@ -49,16 +49,13 @@ def test_sd_base_is_stable_diffusion_1s_unet_and_runs_on_real_text_states(tmp_pa
 
     # One training step of the full-size U-Net at that reduced resolution: sd-base's
     # objective, gradient checkpointing, clipping and AdamW over all 860M parameters.
-    scheduler = build_noise_scheduler(cfg.objective)
+    objective = build_objective(cfg.objective)
     unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = build_optimizer(unet.parameters(), cfg.train)
     probe = unet.conv_in.weight.detach().clone()
     z0 = torch.randn(1, 4, 8, 8)
-    noise, t = sample_noise(z0, cfg.objective.offset_noise), torch.tensor([500])
-    prediction = unet(add_noise(scheduler, z0, noise, t), t, context[:1]).sample
-    per_example = (prediction - training_target(scheduler, z0, noise, t)).pow(2).mean(dim=(1, 2, 3))
-    loss = (min_snr_weights(scheduler, t, cfg.objective.min_snr_gamma) * per_example).mean()
+    loss = objective(lambda x, t, c: unet(x, t, c).sample, z0, context[:1], t=torch.tensor([500])).mean()
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.train.max_grad_norm)
     optimizer.step()

@@ -125,3 +125,20 @@ def test_adherence_counts_colour_and_kind_both_right():
     assert not matches(red_circle, "a red square")
     assert not matches(red_circle, "a blue circle")
     assert adherence([red_circle, red_circle], ["a red circle", "a blue circle"]) == 0.5
+
+
+def test_iou_and_foreground_mask_on_known_masks():
+    from ldm.data.checker import foreground_mask, iou
+
+    a = np.zeros((8, 8), bool)
+    b = np.zeros((8, 8), bool)
+    a[:4, :4] = True  # 16 pixels
+    b[2:6, 2:6] = True  # 16 pixels, 4 shared
+    assert iou(a, b) == pytest.approx(4 / 28)
+    assert iou(a, a) == 1.0 and iou(np.zeros_like(a), np.zeros_like(a)) == 1.0
+    image = np.full((8, 8, 3), 30, np.uint8)
+    image[1:3, 5:7] = (220, 40, 40)
+    image[6, 6] = (60, 60, 60)  # 52 from the background: below the checker's distance
+    expected = np.zeros((8, 8), bool)
+    expected[1:3, 5:7] = True
+    assert (foreground_mask(image) == expected).all()

@@ -6,7 +6,9 @@
 4. save the model folder at runs/demo/pipeline;
 5. sample 8 images for each of the 18 (colour, kind) prompts into a labelled grid, and
    print the prompt-adherence table scored by the rule-based checker;
-6. write runs/demo/report.html over both stages' run folders (ldm-report).
+6. with --control: train a ControlNet and a T2I-Adapter on the shapes outlines on top of
+   that model and measure how well each follows fresh outlines (ldm/cli/demo_control.py);
+7. write runs/demo/report.html over the run folders of the stages that ran (ldm-report).
 
 A re-run reuses each finished stage (its final/ folder), so an interrupted demo resumes.
 """
@@ -49,6 +51,10 @@ def parse_args(argv):
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the stage-2 config's validation.guidance_scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="retrain both stages even if finished ones exist")
+    p.add_argument("--control", action="store_true",
+                   help="also train a ControlNet and a T2I-Adapter on the base model and score them (IoU, colour)")
+    p.add_argument("--control-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides for both control stages (configs/control/*.yaml)")
     return p.parse_args(argv)
 
 
@@ -132,6 +138,10 @@ def _main(argv=None):
     report = {"seen": seen, "held_out": held, "per_prompt": rows, "guidance_scale": guidance,
               "num_inference_steps": args.steps, "train_seconds": timings, "total_seconds": time.time() - start}
     (out / "adherence.json").write_text(json.dumps(report, indent=2))
+    if args.control:
+        from ldm.cli.demo_control import run_control_demo
+
+        run_control_demo(args, out, HELD_OUT, _config_path, guidance)
     from ldm.eval.report import write_demo_report
 
     page = write_demo_report(out)  # both stages (and the control runs when they ran) on one page

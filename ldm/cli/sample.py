@@ -2,6 +2,7 @@
 
     ldm-sample --model runs/unet/final --prompts prompts.txt --outdir out/
     accelerate launch -m ldm.cli.sample --model ... --prompts ... --outdir ...   # one shard per GPU
+    ldm-sample --model ... --controlnet runs/controlnet/final --prompts edges.jsonl --outdir out/
 
 Each image depends only on its prompt line and its seed (default: --seed + line number):
 its initial noise and any sampler noise come from its own generator, so batch size, the
@@ -10,6 +11,8 @@ number and seed, written atomically with their prompt and settings in PNG text c
 and recorded in the shard's manifest as each one is done; a re-run (killed or not, with
 any shard count) skips what is already there. Every run ends with a labelled contact
 sheet. The whole file is checked, and the model folder's parts matched, before any image.
+With --controlnet (repeatable: multi-control) or --adapter, each .jsonl line names its
+control image (see `ldm.cli.sample_control`).
 """
 
 import argparse
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from ldm.cli import sample_control
 from ldm.cli.common import run_main
 from ldm.cli.sample_io import (
     append_record, cut_torn_tail, is_done, manifest_name, read_manifests, remove_stale_temps, save_png,
@@ -52,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the file into N shards by prompt line, e.g. one per machine (default: 1, or the process count under accelerate launch)")
     p.add_argument("--shard-index", type=int, default=None,
                    help="the shard to sample, 0..N-1: prompt lines I, I+N, ... (default: 0, or the process rank under accelerate launch)")
+    p.add_argument("--controlnet", action="append", default=None, metavar="DIR",
+                   help="a ControlNet folder (diffusers ControlNetModel); repeat for multi-control. Each .jsonl line "
+                        "then needs \"image\": \"path\" (relative to the prompt file; a list with several ControlNets)")
+    p.add_argument("--adapter", action="append", default=None, metavar="DIR",
+                   help="a T2I-Adapter folder (diffusers T2IAdapter); repeatable. Lines need \"image\" as with --controlnet")
     return p
 
 
@@ -66,6 +75,7 @@ class Job:
     guidance_scale: float
     negative_prompt: Optional[str]
     file: str
+    control_scale: object = None  # the line's controlnet/adapter conditioning scale (float or tuple), or None
 
 
 def plan(records: List[PromptRecord], args) -> List[Job]:
@@ -83,6 +93,7 @@ def plan(records: List[PromptRecord], args) -> List[Job]:
                 guidance_scale=r.guidance_scale if r.guidance_scale is not None else args.guidance_scale,
                 negative_prompt=r.negative_prompt if r.negative_prompt is not None else args.negative_prompt,
                 file=f"{r.line:05d}-s{seed:010d}{suffix}.png",
+                control_scale=sample_control.line_scale(r, args),
             ))
     return jobs
 
@@ -93,6 +104,7 @@ def check_args(args) -> None:
             raise LdmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
         raise LdmError(f"--outdir {args.outdir} exists and is not a folder")
+    sample_control.check_control_args(args)
 
 
 def pick_device(name: str):
@@ -125,10 +137,11 @@ def initial_noise(job: Job, shape):
 
 
 def batches(jobs: List[Job], batch_size: int):
-    """Consecutive jobs that can share a pipeline call (same steps and guidance), at most batch_size each."""
+    """Consecutive jobs that can share a pipeline call (same steps, guidance and control scale), at most batch_size each."""
     batch = []
     for job in jobs:
-        if batch and (len(batch) == batch_size or (job.steps, job.guidance_scale) != (batch[0].steps, batch[0].guidance_scale)):
+        key = (job.steps, job.guidance_scale, job.control_scale)
+        if batch and (len(batch) == batch_size or key != (batch[0].steps, batch[0].guidance_scale, batch[0].control_scale)):
             yield batch
             batch = []
         batch.append(job)
@@ -141,14 +154,25 @@ def image_settings(job: Job, args, height: int, width: int, scheduler: str) -> d
     return dict(
         prompt=job.record.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
         guidance_scale=job.guidance_scale, model=str(args.model), line=job.record.line, image_index=job.index,
-        eta=args.eta, height=height, width=width, scheduler=scheduler,
+        eta=args.eta, height=height, width=width, scheduler=scheduler, **control_record(job, args),
     )
 
 
-def manifest_record(job: Job) -> dict:
+def control_record(job: Job, args) -> dict:
+    """The control model folders, control image path(s) and scale of an image; nothing without control."""
+    kind = sample_control.control_kind(args)
+    if kind is None:
+        return {}
+    one = len(job.record.image) == 1
+    scale = list(job.control_scale) if isinstance(job.control_scale, tuple) else job.control_scale
+    return {kind: [str(d) for d in sample_control.control_dirs(args)], "control_image": job.record.image[0] if one else job.record.image,
+            f"{kind}_conditioning_scale": 1.0 if scale is None else scale}
+
+
+def manifest_record(job: Job, args) -> dict:
     return dict(
         file=job.file, line=job.record.line, prompt=job.record.prompt, negative_prompt=job.negative_prompt,
-        seed=job.seed, steps=job.steps, guidance_scale=job.guidance_scale,
+        seed=job.seed, steps=job.steps, guidance_scale=job.guidance_scale, **control_record(job, args),
     )
 
 
@@ -167,13 +191,14 @@ def make_images(todo: List[Job], args, shard: Shard, outdir: Path, recorded: set
     transformers.utils.logging.disable_progress_bar()
 
     device = shard.device if args.device == "auto" and shard.device is not None else pick_device(args.device)
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model).to(device)
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, **sample_control.load_control_models(args)).to(device)
     pipe.set_progress_bar_config(disable=True)
     height, width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
     f = pipe.vae_scale_factor
     if height % f or width % f:
         raise LdmError(f"--height and --width must be multiples of {f} (the VAE's scale factor), got {height}x{width}")
     shape = (pipe.unet.config.in_channels, height // f, width // f)
+    sample_control.check_control_sizes(todo, args, height, width)  # every line's, before the first image
     scheduler = type(pipe.scheduler).__name__
     outdir.mkdir(parents=True, exist_ok=True)
     manifest = outdir / manifest_name(shard.suffix)
@@ -190,11 +215,12 @@ def make_images(todo: List[Job], args, shard: Shard, outdir: Path, recorded: set
                 num_inference_steps=batch[0].steps, guidance_scale=batch[0].guidance_scale, eta=args.eta,
                 latents=torch.cat([latents for latents, _ in noise]),
                 generator=[generator for _, generator in noise],
+                **(sample_control.control_call_args(batch, pipe) if sample_control.control_kind(args) else {}),
             ).images
             for job, image in zip(batch, images):
                 save_png(image, outdir / job.file, image_settings(job, args, height, width, scheduler))
                 if job.file not in recorded:
-                    append_record(manifest, manifest_record(job))
+                    append_record(manifest, manifest_record(job, args))
                 bar.update()
 
 
@@ -225,6 +251,7 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     records = read_prompts(args.prompts)
+    sample_control.check_control_lines(records, args)  # images named and on disk, before any work
     all_jobs = plan(records, args)  # every line checked before any work, whichever shard it falls in
     check_model_folder(args.model)  # configs only: a folder of mismatched parts fails now, not after loading
     check_folder_parts_agree(args.model)

@@ -1,7 +1,9 @@
 """Training data: `build_dataset(cfg, split)` for every source.
 
 Items are dicts {"pixel_values": float32 (3, res, res) in [-1, 1], "caption": str}, so
-torch's default collate batches them (a tensor stack and a list of strings).
+torch's default collate batches them (a tensor stack and a list of strings). With
+data.conditioning they also carry "conditioning_pixel_values": the control image,
+float32 (3, res, res) in [0, 1], cropped and flipped as its image.
 
 "folder" and "shapes" are map-style data sets, split into validation and train items.
 "webdataset" is a stream (`ldm.data.webdataset.ShardStream`) with no validation split:
@@ -14,7 +16,7 @@ from torch.utils.data import Dataset, Subset
 
 from ldm.config import DataConfig
 from ldm.data.folder import ImageFolderDataset
-from ldm.data.transforms import image_transform
+from ldm.data.transforms import image_transform, paired_transform
 from ldm.errors import LdmError
 
 SOURCES = ("folder", "shapes", "webdataset")
@@ -23,25 +25,28 @@ SPLITS = ("train", "validation")
 
 def build_source(cfg: DataConfig, augment: bool) -> Dataset:
     """The whole data set of `cfg.source`, before the split."""
+    # With controls, one transform takes the image and its control through the same crop and flip.
+    make_transform = paired_transform if cfg.conditioning else image_transform
     if cfg.source == "folder":
         if cfg.path is None:
             raise LdmError("data.source is 'folder' but data.path is not set (set data.path to a folder of images with captions)")
-        transform = image_transform(
+        transform = make_transform(
             cfg.resolution,
             center_crop=cfg.center_crop or not augment,
             random_flip=cfg.random_flip and augment,
         )
-        return ImageFolderDataset(cfg.path, transform)
+        return ImageFolderDataset(cfg.path, transform, conditioning=cfg.conditioning)
     if cfg.source == "webdataset":
         from ldm.data.webdataset import build_webdataset
 
-        transform = image_transform(cfg.resolution, center_crop=cfg.center_crop or not augment, random_flip=cfg.random_flip and augment)
+        transform = make_transform(cfg.resolution, center_crop=cfg.center_crop or not augment, random_flip=cfg.random_flip and augment)
         return build_webdataset(cfg, transform)
     if cfg.source == "shapes":
         from ldm.data.shapes import ShapesDataset  # lazy: only runs that use it pay for it
 
         shapes = cfg.shapes
-        return ShapesDataset(shapes.num_images, cfg.resolution, seed=shapes.seed, exclude=tuple(shapes.exclude))
+        return ShapesDataset(shapes.num_images, cfg.resolution, seed=shapes.seed, exclude=tuple(shapes.exclude),
+                             conditioning=cfg.conditioning)
     raise LdmError(f"unknown data.source '{cfg.source}' (valid sources: {', '.join(SOURCES)})")
 
 

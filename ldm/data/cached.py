@@ -2,13 +2,16 @@
 
 `CachedLatents` is map-style, so the EpochShuffle order and exact resume of
 `ldm.train.loader` apply unchanged. Items are
-{"mean", "std"[, "mean_flip", "std_flip"][, "context"], "caption"}, read lazily from the
-memory-mapped safetensors shards (a cache much larger than RAM is fine).
+{"mean", "std"[, "mean_flip", "std_flip"][, "context"][, "conditioning_pixel_values"], "caption"},
+read lazily from the memory-mapped safetensors shards (a cache much larger than RAM is
+fine); the control image comes as float32 [0, 1], as the uncached data sets give it.
 
 `Encoded` and `Cached` turn a batch into what the U-Net trains on, one from the images
 and captions through the encoders, the other from the cache; the loop calls either the
 same way. Both draw from the global RNG in the same order (posterior sample, then the
 caption-dropout coins), so a cached run follows the uncached run's random stream.
+With flips, `pick_flips` draws one coin per example that picks the mirror image's
+posterior and control together (a control trainer calls it before `posterior_sample`).
 """
 
 import bisect
@@ -20,21 +23,24 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
 
 from ldm.cache import INDEX
+from ldm.codec import LatentCodec, posterior_sample
 from ldm.text_encoder import encode_text, tokenize
 
 
 class CachedLatents(Dataset):
-    """The entries of a finished cache, in shard order; `flips` / `context`: which keys to read."""
+    """The entries of a finished cache, in shard order; `flips` / `context` / `conditioning`: which keys to read."""
 
-    def __init__(self, folder, index: dict, flips: bool, context: bool):
+    def __init__(self, folder, index: dict, flips: bool, context: bool, conditioning: bool = False):
         self.folder = Path(folder)
         self.shards = [s for s in index["shards"] if s["num_samples"] > 0]
         self.starts = [0]
         for shard in self.shards:
             self.starts.append(self.starts[-1] + shard["num_samples"])
         self.keys = ["mean", "std"] + (["mean_flip", "std_flip"] if flips else []) + (["context"] if context else [])
+        self.keys += ["conditioning"] if conditioning else []
         self._open = {}  # shard -> (safe_open handle, captions); opened per process/worker, on first use
 
     def __len__(self) -> int:
@@ -56,6 +62,8 @@ class CachedLatents(Dataset):
         handle, captions = self.shard(s)
         i = index - self.starts[s]
         item = {key: handle.get_slice(key)[i:i + 1][0] for key in self.keys}
+        if "conditioning" in item:  # uint8 on disk; [0, 1] as torchvision scales 8-bit images, like the data sets
+            item["conditioning_pixel_values"] = TF.to_dtype(item.pop("conditioning"), torch.float32, scale=True)
         item["caption"] = captions[i]
         return item
 
@@ -63,7 +71,8 @@ class CachedLatents(Dataset):
 def cached_dataset(cfg, index: dict) -> CachedLatents:
     """The data set of `cfg.data.cache` (checked against `cfg` by `ldm.cache.check_cache`)."""
     frozen_text = not cfg.text_encoder.trainable and index["empty_context"] is not None
-    return CachedLatents(cfg.data.cache, index, flips=cfg.data.random_flip, context=frozen_text)
+    return CachedLatents(cfg.data.cache, index, flips=cfg.data.random_flip, context=frozen_text,
+                         conditioning=cfg.data.conditioning)
 
 
 class Encoded:
@@ -72,9 +81,14 @@ class Encoded:
     def __init__(self, vae, text_encoder, tokenizer, dtype, device):
         self.vae, self.text_encoder, self.tokenizer, self.dtype, self.device = vae, text_encoder, tokenizer, dtype, device
 
+    def pick_flips(self, batch) -> dict:
+        """The batch as it is: the transform already flipped each image and its control alike."""
+        return batch
+
     @torch.no_grad()
     def posterior_sample(self, batch) -> torch.Tensor:
-        return self.vae.encode(batch["pixel_values"].to(self.dtype)).latent_dist.sample()
+        codec = LatentCodec(self.vae)
+        return codec.sample(*codec.encode(batch["pixel_values"].to(self.dtype)))
 
     def context(self, batch, captions: List[str]) -> torch.Tensor:
         return encode_text(self.text_encoder, tokenize(self.tokenizer, captions, self.device))
@@ -94,13 +108,27 @@ class Cached:
         empty = index["empty_context"]
         self.empty_context = load_file(str(Path(folder) / empty))["context"].to(device, self.dtype) if empty else None
 
+    def pick_flips(self, batch) -> dict:
+        """The batch with one coin per example choosing its mirror image: the posterior and the control alike.
+
+        The picked batch has no "_flip" keys, so `posterior_sample` draws no second coin for it.
+        """
+        if not self.flips or "mean_flip" not in batch:
+            return batch
+        mean = batch["mean"]
+        flip = (torch.rand(len(mean)) < 0.5).view(-1, 1, 1, 1).to(mean.device)
+        picked = {key: value for key, value in batch.items() if not key.endswith("_flip")}
+        picked["mean"], picked["std"] = torch.where(flip, batch["mean_flip"], mean), torch.where(flip, batch["std_flip"], batch["std"])
+        if "conditioning_pixel_values" in batch:  # a flipped control is exact: the mirror image of the stored one
+            control = batch["conditioning_pixel_values"]
+            picked["conditioning_pixel_values"] = torch.where(flip.to(control.device), control.flip(-1), control)
+        return picked
+
     def posterior_sample(self, batch) -> torch.Tensor:
+        batch = self.pick_flips(batch)
         mean, std = batch["mean"], batch["std"]
-        if self.flips:
-            flip = (torch.rand(len(mean)) < 0.5).view(-1, 1, 1, 1).to(mean.device)
-            mean, std = torch.where(flip, batch["mean_flip"], mean), torch.where(flip, batch["std_flip"], std)
         # As DiagonalGaussianDistribution.sample does, so the random stream matches the uncached loop's.
-        return (mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)).to(self.dtype)
+        return posterior_sample(mean, std).to(self.dtype)
 
     def context(self, batch, captions: List[str]) -> torch.Tensor:
         if "context" not in batch:

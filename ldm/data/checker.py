@@ -83,6 +83,23 @@ def classify(image) -> Tuple[Optional[str], Optional[str]]:
     return nearest_colour(fill_rgb), kind_from_fill(blob.sum() / box_area)
 
 
+def foreground_mask(image) -> np.ndarray:
+    """Pixels far from the dark background (the checker's FOREGROUND_DISTANCE): where a shape was drawn."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
+    return np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float64), axis=-1) > FOREGROUND_DISTANCE
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def colour_of(image) -> Optional[str]:
+    """The palette colour `classify` sees in `image` (None if blank)."""
+    return classify(image)[0]
+
+
 def matches(image, prompt: str) -> bool:
     """True when both the colour and the kind of `image` are those of `prompt`."""
     return classify(image) == parse_pair(prompt)

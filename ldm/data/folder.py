@@ -6,7 +6,15 @@
     the folder; subfolders allowed), or a `metadata.csv` with the columns file_name and
     text (a header row first), as `imagefolder` also reads
 
-Both may be mixed: a metadata line wins over a .txt file. Every problem a user can
+Both may be mixed: a metadata line wins over a .txt file.
+
+Control images (ControlNet / T2I-Adapter training, data.conditioning): a metadata line
+names its image's control with `conditioning_image` (a path relative to the folder,
+in a `conditioning_image` column of a metadata.csv), of the image's size:
+  {"file_name": "cat.png", "text": "a cat", "conditioning_image": "edges/cat.png"}
+Files named as controls are not training images themselves.
+
+Every problem a user can
 fix (no folder, no images, an image with no caption, a bad metadata line) is raised at
 construction, before training starts. A file that turns out to be unreadable only when
 it is decoded is skipped (with a warning) instead, so that one bad JPEG never ends a
@@ -18,7 +26,7 @@ import json
 import logging
 import posixpath
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
@@ -59,44 +67,76 @@ def read_text(path: Path) -> str:
         raise LdmError(f"{path} is not UTF-8 text (save it with UTF-8 encoding)") from None
 
 
+class Entry(NamedTuple):
+    """One metadata line; file_name or text is None when the line is malformed."""
+
+    number: int
+    file_name: Optional[str]
+    text: Optional[str]
+    conditioning_image: Optional[str] = None
+
+
+CONTROL = "conditioning_image"
+
+
 def jsonl_entries(path: Path):
-    """(line number, file_name, text) of each non-blank line of a metadata.jsonl."""
+    """The `Entry` of each non-blank line of a metadata.jsonl."""
     for number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
-            yield number, entry["file_name"], entry["text"]
+            fields = entry["file_name"], entry["text"], entry.get(CONTROL)
         except (ValueError, KeyError, TypeError):  # not JSON, not an object, a key missing
-            yield number, None, None
+            yield Entry(number, None, None)
+            continue
+        malformed = fields[2] is not None and not isinstance(fields[2], str)  # a control path must be a string
+        yield Entry(number, None, None) if malformed else Entry(number, *fields)
 
 
 def csv_entries(path: Path):
-    """(line number, file_name, text) of each row of a metadata.csv with a header row."""
+    """The `Entry` of each row of a metadata.csv with a header row."""
     rows = csv.reader(read_text(path).splitlines())
     header = next(rows, [])
     if "file_name" not in header or "text" not in header:
         raise LdmError(f"{path} must start with a header row naming the columns file_name and text, got {header}")
     name_col, text_col = header.index("file_name"), header.index("text")
+    control_col = header.index(CONTROL) if CONTROL in header else None
     for number, row in enumerate(rows, start=2):
         if any(cell.strip() for cell in row):
-            ok = len(row) > max(name_col, text_col)
-            yield number, row[name_col] if ok else None, row[text_col] if ok else None
+            ok = len(row) > max(name_col, text_col, control_col or 0)
+            control = row[control_col] if ok and control_col is not None and row[control_col].strip() else None
+            yield Entry(number, row[name_col] if ok else None, row[text_col] if ok else None, control)
 
 
-def read_metadata(root: Path, images: List[Path]) -> Dict[str, str]:
-    """Captions from `root/metadata.jsonl` or `metadata.csv` (empty when neither exists), keyed by relative name."""
+def metadata_file(root: Path) -> Optional[Path]:
+    """`root/metadata.jsonl` or `root/metadata.csv`, or None when there is neither."""
     jsonl, table = root / METADATA, root / METADATA_CSV
     if jsonl.is_file() and table.is_file():
         raise LdmError(f"{root} holds both {METADATA} and {METADATA_CSV}: keep one of them")
-    path = jsonl if jsonl.is_file() else table
-    if not path.is_file():
+    return jsonl if jsonl.is_file() else table if table.is_file() else None
+
+
+def read_entries(path: Optional[Path]) -> List[Entry]:
+    if path is None:
+        return []
+    return list(jsonl_entries(path) if path.name == METADATA else csv_entries(path))
+
+
+def control_names(entries: List[Entry]) -> set:
+    """The relative names of the files the metadata names as control images."""
+    return {posixpath.normpath(e.conditioning_image) for e in entries if e.conditioning_image}
+
+
+def read_metadata(root: Path, images: List[Path], path: Optional[Path], entries: List[Entry]) -> Dict[str, Entry]:
+    """The metadata lines (of `path`, already read into `entries`) keyed by the relative name of their image."""
+    if path is None:
         return {}
-    entries = jsonl_entries(path) if path == jsonl else csv_entries(path)
-    example = '{"file_name": "cat.png", "text": "a cat"}' if path == jsonl else "cat.png,a cat"
+    example = '{"file_name": "cat.png", "text": "a cat"}' if path.name == METADATA else "cat.png,a cat"
     known = {relative_name(root, image) for image in images}
-    captions = {}
-    for number, file_name, text in entries:
+    lines = {}
+    for entry in entries:
+        number, file_name, text = entry.number, entry.file_name, entry.text
         if not isinstance(file_name, str) or not isinstance(text, str):
             raise LdmError(
                 f"{path} line {number} is malformed: each line must give a string file_name and text, like {example}"
@@ -107,18 +147,17 @@ def read_metadata(root: Path, images: List[Path]) -> Dict[str, str]:
                 f"{path} line {number} names '{file_name}', which is not an image in {root} "
                 f"(fix the file_name or add the image; extensions: {', '.join(IMAGE_EXTENSIONS)})"
             )
-        captions[name] = text.strip()
-    return captions
+        lines[name] = entry._replace(text=text.strip())
+    return lines
 
 
-def load_captions(root: Path, images: List[Path]) -> List[str]:
+def load_captions(root: Path, images: List[Path], metadata: Dict[str, Entry]) -> List[str]:
     """One caption per image: its metadata.jsonl line, else the `.txt` file beside it."""
-    metadata = read_metadata(root, images)
     captions, missing = [], []
     for image in images:
         name, txt = relative_name(root, image), image.with_suffix(".txt")
         if name in metadata:
-            captions.append(metadata[name])
+            captions.append(metadata[name].text)
         elif txt.is_file():
             captions.append(read_text(txt).strip())
         else:
@@ -133,6 +172,54 @@ def load_captions(root: Path, images: List[Path]) -> List[str]:
     return captions
 
 
+def upright_size(path: Path) -> Tuple[int, int]:
+    """(width, height) of an image as `load_image` gives it, from its header (no pixel decoding)."""
+    with Image.open(path) as image:
+        width, height = image.size
+        exif = Image.Exif()
+        # The EXIF block the header holds (image.getexif() would decode a PNG to look past its pixels).
+        if image.info.get("exif"):
+            exif.load(image.info["exif"])
+        # EXIF orientations 5-8 turn the image a quarter: load_image swaps its sides.
+        return (height, width) if exif.get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+
+
+def load_controls(root: Path, images: List[Path], metadata: Dict[str, Entry], path: Optional[Path]) -> List[Path]:
+    """One control image per image, named by its metadata line, existing and of the image's size."""
+    controls, missing = [], []
+    for image in images:
+        entry = metadata.get(relative_name(root, image))
+        if entry is None or not entry.conditioning_image:
+            missing.append((image, entry))
+            continue
+        control = root / posixpath.normpath(entry.conditioning_image)
+        if not control.is_file():
+            raise LdmError(
+                f"{path} line {entry.number} names the conditioning_image '{entry.conditioning_image}', "
+                f"which is not a file in {root} (fix the path, relative to the folder, or add the control image)"
+            )
+        controls.append(control)
+    if missing:
+        # A line that names its image but no control first: the file with no line may be an unnamed control.
+        image, entry = min(missing, key=lambda pair: pair[1] is None)
+        name = relative_name(root, image)
+        where = f"line {entry.number} of {path} gives it no" if entry else f"{path or root / METADATA} has no line for it with a"
+        raise LdmError(
+            f"data.conditioning is on but {len(missing)} of {len(images)} images in {root} have no control image, "
+            f"the first is {image}: {where} conditioning_image (write its line as "
+            f'{{"file_name": "{name}", "text": ..., "conditioning_image": "conditioning/{name}"}}, or set data.conditioning=false)'
+        )
+    for image, control in zip(images, controls):
+        sizes = upright_size(image), upright_size(control)
+        if sizes[0] != sizes[1]:
+            (w, h), (cw, ch) = sizes
+            raise LdmError(
+                f"the control image {control} is {cw}x{ch} but its image {image} is {w}x{h} "
+                f"(a control must have its image's size: resize or re-make it)"
+            )
+    return controls
+
+
 def load_image(path: Path) -> Image.Image:
     """Decode an image, upright (phone photos store their rotation in EXIF)."""
     with Image.open(path) as image:
@@ -142,22 +229,32 @@ def load_image(path: Path) -> Image.Image:
 class ImageFolderDataset(Dataset):
     """Items are {"pixel_values": transform(image), "caption": str}.
 
+    With `conditioning`, `transform` is a `ldm.data.transforms.PairedTransform` and items
+    also carry "conditioning_pixel_values" (the control image, cropped and flipped as its
+    image, in [0, 1]); `controls` lists the control files in item order.
+
     `samples` lists (path, caption) pairs in item order. `num_skipped` counts the
     unreadable images met so far in this process (each DataLoader worker holds its own
     copy of the data set, so its own count).
     """
 
-    def __init__(self, root, transform: Callable):
+    def __init__(self, root, transform: Callable, conditioning: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise LdmError(f"data folder not found: {self.root} (set data.path to a folder of images with captions)")
-        images = find_images(self.root)
+        path = metadata_file(self.root)
+        entries = read_entries(path)
+        named_controls = control_names(entries)
+        images = [image for image in find_images(self.root) if relative_name(self.root, image) not in named_controls]
         if not images:
             raise LdmError(
                 f"no images found in {self.root} (expected {', '.join(IMAGE_EXTENSIONS)} files, "
                 f"in subfolders too; set data.path to a folder of images with captions)"
             )
-        self.samples: List[Tuple[Path, str]] = list(zip(images, load_captions(self.root, images)))
+        metadata = read_metadata(self.root, images, path, entries)
+        # Controls before captions: a control that no line names looks like an image without a caption.
+        self.controls: Optional[List[Path]] = load_controls(self.root, images, metadata, path) if conditioning else None
+        self.samples: List[Tuple[Path, str]] = list(zip(images, load_captions(self.root, images, metadata)))
         self.transform = transform
         self._unreadable = set()  # indices already found bad: warned once, never decoded again
 
@@ -175,11 +272,16 @@ class ImageFolderDataset(Dataset):
             if i in self._unreadable:
                 continue
             path, caption = self.samples[i]
+            files, loaded = [path] if self.controls is None else [path, self.controls[i]], []
             try:
-                image = load_image(path)
+                for file in files:
+                    loaded.append(load_image(file))
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
                 self._unreadable.add(i)
-                logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+                logger.warning("skipping unreadable image %s (%s: %s)", file, type(e).__name__, e)
                 continue
-            return {"pixel_values": self.transform(image), "caption": caption}
+            if self.controls is None:
+                return {"pixel_values": self.transform(loaded[0]), "caption": caption}
+            pixels, control = self.transform(*loaded)
+            return {"pixel_values": pixels, "caption": caption, "conditioning_pixel_values": control}
         raise LdmError(f"every image in {self.root} is unreadable (check the files open in an image viewer)")

@@ -2,7 +2,10 @@
 
 A shard is a tar file of samples; a sample is the files that share a key
 (`000123.jpg` + `000123.txt`, or `000123.png` + `000123.json` with a "caption" or "text"
-entry). `data.path` names the shards with brace patterns, several joined by "::"
+entry). With data.conditioning, a sample also carries its control image of the image's
+size, `000123.cond.png`; a sample without one, or with one of another size, stops the
+run with a one-line error naming the shard and the key (a data error, not a bad file).
+`data.path` names the shards with brace patterns, several joined by "::"
 (webdataset's convention): `/data/laion-{000000..000999}.tar::/data/extra-{00..09}.tar`.
 
 Exact resume and no DDP hang both ask that every process know, from (seed, epoch, rank)
@@ -36,12 +39,14 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ldm.data.transforms import PairedTransform
 from ldm.errors import LdmError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "json")
+CONTROL_KEY = "cond.png"
 SHUFFLE_BUFFER = 1000  # samples; webdataset's usual size, a few MB of undecoded JPEGs
 
 
@@ -76,7 +81,11 @@ def read_samples(shards: List[str]) -> Iterator[Dict]:
 
 
 def decode(sample: Dict, transform: Callable) -> dict:
-    """{"pixel_values": transform(image), "caption": str}; raises on a broken sample."""
+    """{"pixel_values": transform(image), "caption": str}; raises on a broken sample.
+
+    A `PairedTransform` also decodes the sample's control image into
+    "conditioning_pixel_values"; a missing or mis-sized one raises an `LdmError`.
+    """
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
         raise ValueError(f"no image ({', '.join(IMAGE_KEYS)}) in the sample")
@@ -89,9 +98,25 @@ def decode(sample: Dict, transform: Callable) -> dict:
             raise ValueError('its json has no string "caption" or "text"')
     else:
         raise ValueError(f"no caption ({', '.join(CAPTION_KEYS)}) in the sample")
+    paired = isinstance(transform, PairedTransform)
+    if paired and CONTROL_KEY not in sample:
+        raise LdmError(
+            f"webdataset sample {sample_name(sample)} has no {CONTROL_KEY} but data.conditioning is on "
+            f"(every sample needs its control image as KEY.{CONTROL_KEY}, or set data.conditioning=false)"
+        )
     with Image.open(io.BytesIO(sample[image_key])) as image:
         image.load()
-        return {"pixel_values": transform(image), "caption": caption.strip()}
+        if not paired:
+            return {"pixel_values": transform(image), "caption": caption.strip()}
+        with Image.open(io.BytesIO(sample[CONTROL_KEY])) as control:
+            if control.size != image.size:
+                raise LdmError(
+                    f"webdataset sample {sample_name(sample)}: its {CONTROL_KEY} is {control.size[0]}x{control.size[1]} "
+                    f"but its {image_key} is {image.size[0]}x{image.size[1]} (a control image must have its image's size)"
+                )
+            control.load()
+            pixels, control_pixels = transform(image, control)
+        return {"pixel_values": pixels, "caption": caption.strip(), "conditioning_pixel_values": control_pixels}
 
 
 def sample_name(sample: Dict) -> str:
@@ -184,6 +209,8 @@ class ShardStream(IterableDataset):
                 continue
             try:
                 item = decode(sample, self.transform)
+            except LdmError:  # a sample the data set's config does not fit: no skip mends that
+                raise
             except Exception as e:  # PIL and json raise many kinds on bad bytes
                 self.skipped_keys.append(sample_name(sample))
                 logger.warning("skipping undecodable sample %s (%s: %s)", sample_name(sample), type(e).__name__, e)

@@ -1,8 +1,10 @@
-"""Training: the two stage loops and the plumbing they share.
+"""Training: one loop skeleton and the stages that plug into it.
 
-`train_vae(cfg)` (stage 1) and `train_unet(cfg)` (stage 2) each read top to bottom;
+`train_vae(cfg)` (stage 1) and `train_unet(cfg)` (stage 2) each read top to bottom: their
+setup, their step, validation and final save, handed to loop.py's `training_loop`, which
+owns accumulation, clipping, optimizer and LR steps, EMA, cadence, interrupts and resume.
 run.py (run folder, metrics, progress), checkpoint.py (save / resume), loader.py (data
-order that a resume can rebuild), ema.py and optim.py hold the parts they share.
+order that a resume can rebuild), cadence.py, interrupt.py, ema.py and optim.py hold its parts.
 """
 
 

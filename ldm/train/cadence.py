@@ -1,4 +1,4 @@
-"""What both loops do between optimizer steps, and when they stop.
+"""What the loop (loop.py) does between optimizer steps, and when it stops.
 
 After every optimizer step: log every `log_every`, checkpoint every `checkpoint_every`,
 validate every `validation_every` (checkpoint and validation time are not counted as

@@ -1,39 +1,34 @@
 """Stage 2: train the text-conditioned U-Net on the latents of the frozen stage-1 VAE.
 
 Reads top to bottom: check the config, load the VAE, build text encoder, U-Net, EMA and
-data (images, or the posteriors and hidden states of an ldm-cache folder), resume, the
-loop (Rombach et al. 2022, eq. 2: || eps - eps_theta(z_t, t, tau(y)) ||^2 with
-z = scaling_factor * E(x)), then the final model folder, sampled with DDIM.
+data (images, or the posteriors and hidden states of an ldm-cache folder), then what this
+stage hands the shared loop (loop.py): its step (Rombach et al. 2022, eq. 2: the objective
+of `ldm.objectives` on z = scaling_factor * E(x) and tau(y)), its validation grid, sampled
+with the objective's scheduler, and its final model folder.
 """
 
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
-from diffusers import DDIMScheduler
 from torchvision.utils import save_image
 
 from ldm.autoencoder import load_vae, vae_scale_factor
+from ldm.codec import LatentCodec
 from ldm.config import save_config
 from ldm.cache import check_cache
 from ldm.data import build_dataset
 from ldm.data.cached import Cached, Encoded, cached_dataset
 from ldm.errors import LdmError
-from ldm.objective import (
-    add_noise, build_noise_scheduler, drop_captions, min_snr_weights, sample_noise, sample_timesteps, scale_latents,
-    training_target,
-)
+from ldm.objectives import build_objective, drop_captions
 from ldm.text_encoder import build_text_encoder, enable_gradient_checkpointing, hidden_size
-from ldm.train.cadence import Cadence
-from ldm.train.checkpoint import TrainState, find_checkpoint, start_or_resume
-from ldm.train.ema import build_ema, ema_weights
-from ldm.train.loader import batches_from, train_loader
+from ldm.train.checkpoint import find_checkpoint
+from ldm.train.ema import build_ema
+from ldm.train.loader import train_loader
+from ldm.train.loop import Step, Update, training_loop
 from ldm.train.optim import build_lr_scheduler, build_optimizer
-from ldm.train.run import (
-    Reporter, Run, check_train_config, make_accelerator, replace_folder, rng_untouched, staging_folder,
-)
+from ldm.train.run import Run, check_train_config, make_accelerator, replace_folder, staging_folder
 from ldm.unet import build_unet
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,7 +42,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     """
     # ---- 1. Check what can be checked before anything slow.
     check_train_config(cfg.train)
-    noise_scheduler = build_noise_scheduler(cfg.objective)
+    objective = build_objective(cfg.objective)  # the loss object; it also names the sampler
     vae = load_vae(cfg.vae_path)  # refuses a VAE without a measured scaling_factor
     factor = vae_scale_factor(vae)
     if cfg.data.resolution % factor:
@@ -80,6 +75,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     ema = build_ema(unet, cfg.ema)
     train_text = cfg.text_encoder.trainable
     vae.requires_grad_(False).eval()
+    codec = LatentCodec(vae)
     text_encoder.requires_grad_(train_text).train(train_text)
     unet.train()
     if cfg.train.gradient_checkpointing:
@@ -97,19 +93,11 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
         place(text_encoder, accelerator.device, weight_dtype)
     place(vae, accelerator.device, weight_dtype)
     trained = (unet, text_encoder) if train_text else (unet,)
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     # What a batch turns into: z0 and the text context, from the encoders or from the cache.
     inputs = Encoded(vae, text_encoder, tokenizer, weight_dtype, accelerator.device)
     if cache is not None:
         inputs = Cached(cfg.data.cache, cache, cfg.data.random_flip, inputs, accelerator.device)
-    # Weights were drawn alike on every process; the training noise must differ between them.
-    set_seed(cfg.train.seed, device_specific=True)
-    run.start(accelerator, cfg, "unet")
-    state, checkpoints = start_or_resume(
-        accelerator, checkpoint, resume, run.checkpoints, len(loader), cfg.train.checkpoints_total_limit, ema
-    )
+    net = accelerator.unwrap_model(unet)  # what the EMA averages
 
     def pipeline():
         """The model as a sampling pipeline (shares the training modules' weights)."""
@@ -117,74 +105,44 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
 
         return LatentDiffusionPipeline(
             vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
-            unet=accelerator.unwrap_model(unet), scheduler=sampling_scheduler(noise_scheduler),
+            unet=accelerator.unwrap_model(unet), scheduler=objective.sampling_scheduler(),
         )
 
+    def denoiser(x, timestep, context):
+        """The U-Net as the objective's net(x, timestep, context)."""
+        return unet(x, timestep, context).sample
+
+    # ---- 3. One step: the denoising loss of one batch, one update of the U-Net (and text encoder).
+    def train_step(batch, step: int) -> Step:
+        z0 = codec.scale(inputs.posterior_sample(batch))
+        captions = drop_captions(batch["caption"], cfg.objective.caption_dropout)
+        with torch.set_grad_enabled(train_text):
+            context = inputs.context(batch, captions)
+        loss = objective(denoiser, z0, context).mean()
+        return Step([Update(loss, optimizer, lr_scheduler, clip=params)], len(z0), {"loss": loss})
+
     def validate(step: int) -> None:
-        """A grid of the validation prompts, sampled with the EMA weights (main process)."""
-        if cfg.validation.prompts and accelerator.is_main_process:
-            net = accelerator.unwrap_model(unet)
+        """A grid of the validation prompts, sampled with the EMA weights."""
+        if cfg.validation.prompts:
             # autocast: under mixed precision the frozen VAE and text encoder hold fp16/bf16 weights.
-            with ema_weights(ema, net), rng_untouched(accelerator.device), accelerator.autocast():
-                net.eval()
+            with accelerator.autocast():
                 save_samples(pipeline(), cfg.validation, run.samples / f"step-{step:06d}.png")
-                net.train()
-        accelerator.wait_for_everyone()
 
-    # ---- 3. The loop: one optimizer step per `gradient_accumulation_steps` batches.
-    report = Reporter(accelerator, run, cfg.train.max_steps, state.step, unit="samples")
-    cadence = Cadence(accelerator, cfg.train, cfg.validation.every, report, checkpoints, validate, lr_scheduler, len(loader))
-    data = batches_from(accelerator, loader, state.batches)
-    step, batches = state.step, state.batches
-    try:
-        while step < cfg.train.max_steps:
-            batch = next(data)
-            batches += 1
-            with accelerator.accumulate(*trained):
-                z0 = scale_latents(vae, inputs.posterior_sample(batch))
-                captions = drop_captions(batch["caption"], cfg.objective.caption_dropout)
-                with torch.set_grad_enabled(train_text):
-                    context = inputs.context(batch, captions)
-                noise = sample_noise(z0, cfg.objective.offset_noise)
-                t = sample_timesteps(noise_scheduler, len(z0), z0.device)
-                z_t = add_noise(noise_scheduler, z0, noise, t)
-                target = training_target(noise_scheduler, z0, noise, t)
-                prediction = unet(z_t, t, context).sample
-                per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                loss = (min_snr_weights(noise_scheduler, t, cfg.objective.min_snr_gamma) * per_example).mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            report.add(len(z0), loss=loss)
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(accelerator.unwrap_model(unet).parameters())
-            step += 1
-            state = TrainState(step, batches)  # a consistent point to checkpoint at
-            if cadence.after_step(state):
-                break
-    except KeyboardInterrupt:
-        cadence.interrupted(state)
-        raise
-    cadence.finish(state)
-
-    # ---- 4. The final model folder: the pipeline with the EMA weights, in float32.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def save(step: int) -> None:
+        """The final model folder: the pipeline with the EMA weights, in float32."""
         place(vae, accelerator.device, torch.float32)
         place(accelerator.unwrap_model(text_encoder), accelerator.device, torch.float32)
         tmp = staging_folder(run.final)
-        with ema_weights(ema, accelerator.unwrap_model(unet)):
-            pipeline().save_pretrained(str(tmp))
+        pipeline().save_pretrained(str(tmp))
         save_config(cfg, tmp / "ldm_config.yaml")
         replace_folder(tmp, run.final)
         accelerator.print(f"final model in {run.final}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+
+    # ---- 4. The loop (loop.py): one optimizer step per `gradient_accumulation_steps` batches.
+    training_loop(
+        accelerator, run, cfg, loader, checkpoint, resume, name="unet", unit="samples", trained=trained, net=net,
+        ema=ema, lr_scheduler=lr_scheduler, step=train_step, validate=validate, save=save,
+    )
     return run.final
 
 
@@ -193,17 +151,6 @@ def place(model, device, dtype) -> None:
     model.to(device)
     if model.dtype != dtype:
         model.to(dtype=dtype)
-
-
-def sampling_scheduler(noise_scheduler) -> DDIMScheduler:
-    """DDIM (Song et al. 2021) on the training schedule, with Stable Diffusion's step conventions.
-
-    With zero terminal SNR the sampler must start at the last training step, where the
-    model saw pure noise: "trailing" spacing (Lin et al. 2024, sec. 3.3).
-    """
-    if noise_scheduler.config.rescale_betas_zero_snr:
-        return DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=False)
-    return DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False, steps_offset=1)
 
 
 @torch.no_grad()

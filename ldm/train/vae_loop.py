@@ -1,9 +1,9 @@
 """Stage 1: train the KL autoencoder, then measure its latent scaling factor.
 
 Reads top to bottom: check the config, build data, model, discriminator and their
-optimizers, resume, the loop, then the final VAE folder (a diffusers AutoencoderKL,
-the EMA weights when enabled, whose config carries the scaling factor measured on the
-training images).
+optimizers, then what this stage hands the shared loop (loop.py): its step, its
+validation, and its final VAE folder (a diffusers AutoencoderKL, the EMA weights when
+enabled, whose config carries the scaling factor measured on the training images).
 
 Each optimizer step updates the autoencoder on reconstruction + LPIPS + KL (+ the
 adversarial term once loss.discriminator_start is reached), then the PatchGAN
@@ -26,14 +26,12 @@ from ldm.discriminator import NLayerDiscriminator, logit_map_size
 from ldm.errors import LdmError
 from ldm.image_metrics import SSIM_WINDOW, mean_absolute_error, psnr, ssim
 from ldm.lpips import LPIPS
-from ldm.train.cadence import Cadence
-from ldm.train.checkpoint import TrainState, find_checkpoint, start_or_resume
-from ldm.train.ema import build_ema, ema_weights
-from ldm.train.loader import EpochShuffle, batches_from, train_loader
+from ldm.train.checkpoint import find_checkpoint
+from ldm.train.ema import build_ema
+from ldm.train.loader import EpochShuffle, train_loader
+from ldm.train.loop import Step, Update, training_loop
 from ldm.train.optim import build_lr_scheduler, build_optimizer
-from ldm.train.run import (
-    Reporter, Run, check_train_config, make_accelerator, replace_folder, rng_untouched, staging_folder,
-)
+from ldm.train.run import Run, check_train_config, make_accelerator, replace_folder, staging_folder
 from ldm.vae_loss import check_loss_config, discriminator_loss, vae_loss
 
 # LDM trains both of its Adam optimizers with betas (0.5, 0.9), the usual GAN setting;
@@ -103,97 +101,51 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
     trained = (model,) if disc is None else (model, disc)
     if lpips is not None:
         lpips.to(accelerator.device)
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    # Weights were drawn alike on every process; the training noise must differ between them.
-    set_seed(cfg.train.seed, device_specific=True)
-    run.start(accelerator, cfg, "vae")
-    state, checkpoints = start_or_resume(
-        accelerator, checkpoint, resume, run.checkpoints, len(loader), cfg.train.checkpoints_total_limit, ema
-    )
-
-    def validate(step: int) -> None:
-        """PSNR, SSIM and MAE of the validation split into metrics.jsonl, and a reconstruction
-        grid, with the EMA weights (main process; the training RNG is left where it was)."""
-        if accelerator.is_main_process:
-            with ema_weights(ema, vae), rng_untouched(accelerator.device):
-                vae.eval()
-                if val_set is not None:
-                    report.write(step, **validation_metrics(vae, val_set, cfg.train.batch_size))
-                grid_set = val_set if val_set is not None else train_set
-                save_reconstructions(vae, grid_set, cfg.validation.grid_images, run.samples / f"step-{step:06d}.png")
-                vae.train()
-        accelerator.wait_for_everyone()
-
-    # ---- 3. The loop: one optimizer step (of each optimizer) per `gradient_accumulation_steps` batches.
-    report = Reporter(accelerator, run, cfg.train.max_steps, state.step, unit="images")
-    cadence = Cadence(accelerator, cfg.train, cfg.validation.every, report, checkpoints, validate, lr_scheduler, len(loader))
-    data = batches_from(accelerator, loader, state.batches)
-    step, batches = state.step, state.batches
-    last_layer = vae.decoder.conv_out.weight  # where the adaptive weight compares gradients
     model.train()
     if disc is not None:
         disc.train()
-    try:
-        while step < cfg.train.max_steps:
-            batch = next(data)
-            batches += 1
-            gan = disc is not None and step >= cfg.loss.discriminator_start
-            with accelerator.accumulate(*trained):
-                # The autoencoder's step.
-                x = batch["pixel_values"]
-                x_hat, posterior = model(x)
-                logits_fake = critic_logits(accelerator.unwrap_model(disc), x_hat) if gan else None
-                with accelerator.autocast():
-                    loss, parts = vae_loss(
-                        x, x_hat, posterior, cfg.loss, lpips, logits_fake, last_layer, grad_scale(accelerator),
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                # The discriminator's step, on the reconstructions the autoencoder made before its update.
-                if gan:
-                    d_loss, d_parts = discriminator_loss(disc(x), disc(x_hat.detach()), cfg.loss)
-                    accelerator.backward(d_loss)
-                    disc_optimizer.step()
-                    disc_lr_scheduler.step()
-                    disc_optimizer.zero_grad(set_to_none=True)
-                    parts.update(d_parts)
-            report.add(len(x), loss=loss, **parts)
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(vae.parameters())
-            step += 1
-            state = TrainState(step, batches)  # a consistent point to checkpoint at
-            if cadence.after_step(state):
-                break
-    except KeyboardInterrupt:
-        cadence.interrupted(state)
-        raise
-    cadence.finish(state)
+    last_layer = vae.decoder.conv_out.weight  # where the adaptive weight compares gradients
 
-    # ---- 4. The final VAE (EMA weights when enabled): measured latent statistics, a diffusers folder.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with ema_weights(ema, vae):
-            vae.eval()
-            with rng_untouched(accelerator.device):
-                torch.manual_seed(cfg.train.seed)  # the same factor if the end is run again
-                batches_ = scale_batches(train_set, cfg.train.batch_size, cfg.train.seed)
-                stats = measure_latent_stats(vae, batches_, cfg.scale_samples, per_channel=cfg.per_channel_stats)
-            vae.register_to_config(**stats)
-            tmp = staging_folder(run.final)
-            vae.save_pretrained(str(tmp))
+    # ---- 3. One step: the autoencoder's update, then (once the discriminator starts) the discriminator's.
+    def train_step(batch, step: int) -> Step:
+        gan = disc is not None and step >= cfg.loss.discriminator_start
+        x = batch["pixel_values"]
+        x_hat, posterior = model(x)
+        logits_fake = critic_logits(accelerator.unwrap_model(disc), x_hat) if gan else None
+        with accelerator.autocast():
+            loss, parts = vae_loss(x, x_hat, posterior, cfg.loss, lpips, logits_fake, last_layer, grad_scale(accelerator))
+        updates = [Update(loss, optimizer, lr_scheduler, clip=model.parameters())]
+        if gan:  # on the reconstructions the autoencoder made before its update
+            d_loss, d_parts = discriminator_loss(disc(x), disc(x_hat.detach()), cfg.loss)
+            updates.append(Update(d_loss, disc_optimizer, disc_lr_scheduler))
+            parts.update(d_parts)
+        return Step(updates, len(x), dict(loss=loss, **parts))
+
+    def validate(step: int) -> dict:
+        """PSNR, SSIM and MAE of the validation split, and a reconstruction grid."""
+        metrics = validation_metrics(vae, val_set, cfg.train.batch_size) if val_set is not None else {}
+        grid_set = val_set if val_set is not None else train_set
+        save_reconstructions(vae, grid_set, cfg.validation.grid_images, run.samples / f"step-{step:06d}.png")
+        return metrics
+
+    def save(step: int) -> dict:
+        """The final VAE: latent statistics measured on the training images, a diffusers folder."""
+        torch.manual_seed(cfg.train.seed)  # the same factor if the end is run again (the loop restores the RNG)
+        batches = scale_batches(train_set, cfg.train.batch_size, cfg.train.seed)
+        stats = measure_latent_stats(vae, batches, cfg.scale_samples, per_channel=cfg.per_channel_stats)
+        vae.register_to_config(**stats)
+        tmp = staging_folder(run.final)
+        vae.save_pretrained(str(tmp))
         replace_folder(tmp, run.final)
-        report.write(state.step, **stats)
         accelerator.print(f"latent scaling_factor {stats['scaling_factor']:.5g}; final VAE in {run.final}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        return stats
+
+    # ---- 4. The loop (loop.py): one optimizer step of each optimizer per `gradient_accumulation_steps`
+    # batches, validation and the final VAE with the EMA weights when enabled.
+    training_loop(
+        accelerator, run, cfg, loader, checkpoint, resume, name="vae", unit="images", trained=trained, net=vae,
+        ema=ema, lr_scheduler=lr_scheduler, step=train_step, validate=validate, save=save,
+    )
     return run.final
 
 

@@ -1,0 +1,173 @@
+"""The one training loop every stage runs: stage 1 (VAE), stage 2 (U-Net), the control stage.
+
+An explicit loop with Accelerate for the plumbing only, as in edm2's training_loop and
+k-diffusion. The loop owns what is the same for every model: gradient accumulation,
+clipping, the optimizer and learning-rate steps, the EMA, the cadence (log, checkpoint,
+validate, time budget; cadence.py), interrupts (a signal stops the run after the step at
+hand; interrupt.py), exact resume and the final barrier. A stage owns the rest:
+
+- its setup, before it calls `training_loop`: data, models, optimizers and LR schedulers,
+  prepared by its Accelerator; what trains and what is frozen; what the EMA averages;
+- `step(batch, step) -> Step`: one (micro-)batch's losses, as one `Update` per optimizer,
+  and the scalars to log. `step` is the number of optimizer steps taken so far;
+- `validate(step) -> records`: metrics and image grids of the model as it stands;
+- `save(step) -> records`: the final model folder.
+
+`validate` and `save` run on the main process alone, with the EMA weights swapped into
+`net` and `net` in eval mode, without moving the training RNG (so that validating changes
+no result); the other processes wait. The records they return go to metrics.jsonl.
+
+A new stage plugs in like this (the control stage: only the ControlNet trains):
+
+    controlnet, optimizer, loader, lr_scheduler = accelerator.prepare(controlnet, optimizer, loader, lr_scheduler)
+    controlnet_net = accelerator.unwrap_model(controlnet)  # what the EMA (built on it before) averages
+
+    def step(batch, step):
+        z0, context = ...  # from the frozen VAE and text encoder
+        loss = ...  # the frozen U-Net's denoising loss given the ControlNet's residuals: only they get gradients
+        return Step([Update(loss, optimizer, lr_scheduler, clip=controlnet.parameters())], len(z0), {"loss": loss})
+
+    def validate(step):
+        ...  # a grid sampled with the control images (the ControlNet holds its EMA weights here)
+        return {}
+
+    def save(step):
+        controlnet_net.save_pretrained(...)  # staging_folder + replace_folder, as the other stages
+
+    training_loop(accelerator, run, cfg, loader, checkpoint, resume, name="control", unit="samples",
+                  trained=[controlnet], net=controlnet_net, ema=ema, lr_scheduler=lr_scheduler,
+                  step=step, validate=validate, save=save)
+
+Exact resume holds when the stage draws its training randomness from the global torch
+RNG inside `step` (the loop seeds it per process and checkpoints carry it), and prepares
+every trained model, optimizer and scheduler before calling the loop, in the same order
+on every run (accelerate names their checkpoint files by that order).
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from accelerate.utils import set_seed
+
+from ldm.train.cadence import Cadence
+from ldm.train.checkpoint import TrainState, start_or_resume
+from ldm.train.ema import ema_weights
+from ldm.train.interrupt import stop_at_step_end
+from ldm.train.loader import batches_from
+from ldm.train.run import Reporter, rng_untouched
+
+Records = Optional[Dict[str, float]]
+
+
+@dataclass
+class Update:
+    """One optimizer's part of a training step: backpropagate `loss`, clip the gradients of
+    `clip` to train.max_grad_norm (None: no clipping), then step `optimizer` and `lr_scheduler`."""
+
+    loss: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    clip: Optional[Iterable[torch.nn.Parameter]] = None
+
+
+@dataclass
+class Step:
+    """What a stage's step returns for one (micro-)batch.
+
+    `updates` are applied in order once the step returns, so a later update's loss sees
+    the weights from before the earlier ones (stage 1: the discriminator judges the
+    reconstructions the autoencoder made before its update, as in LDM).
+    """
+
+    updates: List[Update]
+    items: int  # examples in the batch on this process, for the throughput
+    logged: Dict[str, torch.Tensor] = field(default_factory=dict)  # averaged over each log interval
+
+
+def apply_update(accelerator, update: Update, max_grad_norm: float) -> None:
+    """Backward, clip (on the micro-batch that syncs gradients), optimizer and LR steps.
+
+    Under gradient accumulation the prepared optimizer and scheduler skip their step on the
+    micro-batches that only accumulate. A guard against non-finite steps belongs here: the
+    clipped norm is the same on every process, so all of them can skip that step together.
+    """
+    accelerator.backward(update.loss)
+    if update.clip is not None and accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(update.clip, max_grad_norm)
+    update.optimizer.step()
+    update.lr_scheduler.step()
+    update.optimizer.zero_grad(set_to_none=True)
+
+
+def training_loop(
+    accelerator, run, cfg, loader, checkpoint, resume: Optional[str], *, name: str, unit: str,
+    trained: Sequence[torch.nn.Module], net: torch.nn.Module, ema, lr_scheduler,
+    step: Callable[[dict, int], Step], validate: Callable[[int], Records], save: Callable[[int], Records],
+) -> TrainState:
+    """Train to `cfg.train.max_steps` (or the time budget), then `save`; returns the last state.
+
+    `cfg`: the stage config (its `train`, `validation.every`; all of it goes to config.yaml).
+    `loader`: the prepared training loader. `checkpoint`, `resume`: from `find_checkpoint`.
+    `name`: the TensorBoard run name. `unit`: what `Step.items` counts ("images", "samples").
+    `trained`: the prepared modules that learn (accumulation skips their gradient sync).
+    `net`: the unwrapped module the EMA averages (`ema`, or None) and validation evaluates.
+    `lr_scheduler`: the schedule whose learning rate is logged.
+    """
+    train_cfg = cfg.train
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    # Weights were drawn alike on every process; the training noise must differ between them.
+    set_seed(train_cfg.seed, device_specific=True)
+    run.start(accelerator, cfg, name)
+    state, checkpoints = start_or_resume(
+        accelerator, checkpoint, resume, run.checkpoints, len(loader), train_cfg.checkpoints_total_limit, ema
+    )
+    report = Reporter(accelerator, run, train_cfg.max_steps, state.step, unit=unit)
+
+    def on_main(function: Callable[[int], Records], step_: int) -> None:
+        """`function(step_)` on the main process with the EMA weights, in eval mode, the RNG untouched."""
+        if accelerator.is_main_process:
+            with ema_weights(ema, net), rng_untouched(accelerator.device):
+                training = net.training
+                net.eval()
+                records = function(step_)
+                net.train(training)
+            if records:
+                report.write(step_, **records)
+        accelerator.wait_for_everyone()
+
+    cadence = Cadence(accelerator, train_cfg, cfg.validation.every, report, checkpoints,
+                      lambda s: on_main(validate, s), lr_scheduler, len(loader))
+    data = batches_from(accelerator, loader, state.batches)
+    steps, batches = state.step, state.batches
+    with stop_at_step_end() as stop:  # Ctrl-C / SIGTERM: stop after the step at hand (interrupt.py)
+        try:
+            while steps < train_cfg.max_steps:
+                batch = next(data)
+                batches += 1
+                with accelerator.accumulate(*trained):
+                    out = step(batch, steps)
+                    for update in out.updates:
+                        apply_update(accelerator, update, train_cfg.max_grad_norm)
+                report.add(out.items, **out.logged)
+                if not accelerator.sync_gradients:
+                    continue  # a micro-batch: gradients accumulate, no optimizer step was taken
+                if ema is not None:
+                    ema.step(net.parameters())
+                steps += 1
+                state = TrainState(steps, batches)  # a consistent point to checkpoint at
+                if cadence.after_step(state):
+                    break
+                if stop.requested(accelerator):
+                    raise KeyboardInterrupt(f"stopped at step {steps} on request")
+        except KeyboardInterrupt:
+            cadence.interrupted(state)  # checkpoints the last finished step
+            raise
+    cadence.finish(state)
+
+    accelerator.wait_for_everyone()
+    on_main(save, state.step)
+    accelerator.end_training()
+    return state
