@@ -65,3 +65,6 @@ def test_demo_control_trains_both_methods_and_scores_them(tmp_path, capsys):
         assert json.loads((out / folder / "final/config.json").read_text())["_class_name"] == cls
     grid = Image.open(out / "control.png")
     assert grid.height > 18 * 32  # 18 rows: control | ControlNet | T2I-Adapter | control off
+    # One report page over all four run folders, the control runs named as such.
+    page = (out / "report.html").read_text()
+    assert page.count('<h2 id="run-') == 4 and page.count("— control model") == 2
