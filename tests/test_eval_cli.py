@@ -221,3 +221,14 @@ def test_two_real_processes_make_the_images_one_process_makes(tiny_model_dir, tm
         assert (two / "images" / name).read_bytes() == (one / "images" / name).read_bytes(), name
     strip = lambda r: [{k: v for k, v in p.items()} for p in r["points"]]  # noqa: E731
     assert strip(json.loads((two / "eval.json").read_text())) == strip(json.loads((one / "eval.json").read_text()))
+
+
+def test_each_png_says_how_it_was_made(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "eval"
+    assert run(tiny_model_dir, out, "--prompts", str(prompts), "--guidance-scales", "4.5", "--seed", "10") == 0
+    text = PIL.Image.open(out / "images/steps2-cfg4.5/00001-s0000000011.png").text
+    assert (text["prompt"], text["seed"], text["steps"], text["guidance_scale"], text["model"]) == (
+        "a red circle", "11", "2", "4.5", str(tiny_model_dir))
+    assert json.loads(text["parameters"])["scheduler"] == "DDIMScheduler"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from ldm.cli.sample import Job, batches, image_settings, initial_noise
+from ldm.cli.sample import Job, batches, initial_noise
 from ldm.cli.sample_io import remove_stale_temps, save_png
 from ldm.prompts import PromptRecord
 
@@ -45,6 +45,15 @@ def plan(records: Sequence[PromptRecord], points: Sequence[Point], seed: int, pe
                     negative_prompt=r.negative_prompt, file=f"{point.folder}/{r.line:05d}-s{line_seed:010d}{suffix}.png",
                 ))
     return jobs
+
+
+def image_settings(job: Job, args, height: int, width: int, scheduler: str) -> dict:
+    """What made an image, in its PNG text chunks (the keys ldm-sample writes)."""
+    return dict(
+        prompt=job.record.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
+        guidance_scale=job.guidance_scale, model=str(args.model), line=job.record.line, image_index=job.index,
+        eta=args.eta, height=height, width=width, scheduler=scheduler,
+    )
 
 
 def is_made(root: Path, job: Job) -> bool:
