@@ -26,6 +26,7 @@ demo-control: $(STAMP)
 	$(BIN)/ldm-demo --control
 
 test: $(STAMP)
+	sh scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
