@@ -196,3 +196,22 @@ def parse_lora_arg(value: str):
         if Path(value).exists():  # a path that holds a colon
             return value, 1.0
         raise LdmError(f"--lora {value}: the part after ':' must be a scale (a number), e.g. --lora runs/x/final/lora:0.8") from None
+
+
+def check_lora_args(specs) -> None:
+    """ldm-sample --lora DIR[:SCALE] values: each names a LoRA file on disk (checked before any work)."""
+    for spec in specs or []:
+        lora_file(parse_lora_arg(spec)[0])
+
+
+def load_loras(pipe, specs) -> None:
+    """Load each `DIR[:SCALE]` into `pipe` as adapter lora0, lora1, ... and activate them at their scales."""
+    if not specs:
+        return
+    names, scales = [], []
+    for i, spec in enumerate(specs):
+        path, scale = parse_lora_arg(spec)
+        pipe.load_lora_weights(path, adapter_name=f"lora{i}")
+        names.append(f"lora{i}")
+        scales.append(scale)
+    pipe.set_adapters(names, adapter_weights=scales)

@@ -194,3 +194,32 @@ def test_a_lora_for_another_base_is_refused_in_one_line(lora_run, tiny_vae, hf_t
     assert not getattr(pipe.unet, "peft_config", None)  # nothing was loaded
     with pytest.raises(LdmError, match="no LoRA at"):
         pipe.load_lora_weights(str(lora_run / "nowhere"))
+
+
+def test_ldm_sample_lora_at_a_scale_gives_the_python_apis_image(lora_run, sd_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from ldm.cli.sample import main as sample
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    lora = lora_run / "final/lora"
+    common = ["--model", str(sd_dir), "--prompts", str(prompts), "--steps", "2", "--device", "cpu"]
+    assert sample([*common, "--outdir", str(tmp_path / "half"), "--lora", f"{lora}:0.5"]) == 0
+    assert sample([*common, "--outdir", str(tmp_path / "none")]) == 0
+    name = "00001-s0000000001.png"
+    half = np.asarray(Image.open(tmp_path / "half" / name))
+    assert np.abs(half.astype(int) - np.asarray(Image.open(tmp_path / "none" / name))).max() > 0
+
+    pipe = LatentDiffusionPipeline.from_pretrained(str(sd_dir))
+    pipe.load_lora_weights(str(lora), adapter_name="mine")
+    pipe.set_adapters(["mine"], adapter_weights=[0.5])
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(1)).images[0]
+    np.testing.assert_array_equal(half, np.asarray(expected))
+
+    capsys.readouterr()
+    for spec, words in ((f"{lora}:x", "must be a scale"), (str(tmp_path / "nowhere"), "no LoRA at")):
+        assert sample([*common, "--outdir", str(tmp_path / "e"), "--lora", spec]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0]
