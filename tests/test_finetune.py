@@ -168,6 +168,8 @@ def test_one_line_errors(tmp_path, capsys, sd_dir, tiny_model_dir):
     out = tmp_path / "run"
     err = one_line_error(capsys, args(out, sd_dir, "objective.prediction_type=epsilon", "objective.beta_schedule=linear"))
     assert "beta_schedule=linear" in err and "scaled_linear" in err
+    err = one_line_error(capsys, args(out, sd_dir, "objective.prediction_type=sample"))
+    assert "prediction_type=sample contradicts" in err and "v_prediction" in err
     assert "init_from" in one_line_error(capsys, args(out, sd_dir, "lora.enabled=true", "init_from=null"))
     err = one_line_error(capsys, args(out, tiny_model_dir, "lora.enabled=true", "lora.text_encoder=true"))
     assert "OpenCLIPTextModel" in err if TEXT_LORA else "upgrade peft" in err
