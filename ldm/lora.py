@@ -172,7 +172,27 @@ def lora_file(path) -> Path:
 
 class LoraLoading(StableDiffusionLoraLoaderMixin):
     """diffusers' Stable Diffusion LoRA loading (`load_lora_weights`, `set_adapters`, `fuse_lora`, ...), with
-    a one-line error for a missing file or a LoRA made for another base before anything is changed."""
+    a one-line error for a missing file or a LoRA made for another base before anything is changed.
+
+    An open_clip text tower takes no adapters, so the text encoder is LoRA-loadable only when it
+    is a transformers model; diffusers' methods (fuse, unload, set_adapters) then skip it.
+    """
+
+    @property
+    def _lora_loadable_modules(self):
+        return ["unet", "text_encoder"] if is_transformers_model(self.text_encoder) else ["unet"]
+
+    @classmethod
+    def load_lora_into_text_encoder(cls, state_dict, network_alphas, text_encoder, *args, **kwargs):
+        if not is_transformers_model(text_encoder):
+            return  # check_lora_fits has refused text-encoder adapters it could not take
+        return super().load_lora_into_text_encoder(state_dict, network_alphas, text_encoder, *args, **kwargs)
+
+    def fuse_lora(self, components=("unet", "text_encoder"), **kwargs):
+        return super().fuse_lora(components=[c for c in components if c in self._lora_loadable_modules], **kwargs)
+
+    def unfuse_lora(self, components=("unet", "text_encoder"), **kwargs):
+        return super().unfuse_lora(components=[c for c in components if c in self._lora_loadable_modules], **kwargs)
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
         source = pretrained_model_name_or_path_or_dict

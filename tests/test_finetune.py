@@ -225,3 +225,18 @@ def test_ldm_sample_lora_at_a_scale_gives_the_python_apis_image(lora_run, sd_dir
         assert sample([*common, "--outdir", str(tmp_path / "e"), "--lora", spec]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0]
+
+
+def test_lora_on_our_open_clip_model_loads_and_fuses(tmp_path, tiny_model_dir):
+    """Our folders (open_clip text tower): U-Net adapters load in our pipeline; fusing them gives the same images."""
+    run = tmp_path / "run"
+    assert main(args(run, tiny_model_dir, "lora.enabled=true", "train.learning_rate=1e-2", "train.max_steps=2")) == 0
+    pipe = LatentDiffusionPipeline.from_pretrained(str(tiny_model_dir))
+    base = images(pipe)
+    pipe.load_lora_weights(str(run / "final/lora"))
+    with_lora = images(pipe)
+    assert np.abs(with_lora - base).max() > 1e-3
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert not getattr(pipe.unet, "peft_config", None)
+    assert np.abs(images(pipe) - with_lora).max() <= 1e-5
