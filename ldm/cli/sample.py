@@ -12,7 +12,9 @@ and recorded in the shard's manifest as each one is done; a re-run (killed or no
 any shard count) skips what is already there. Every run ends with a labelled contact
 sheet. The whole file is checked, and the model folder's parts matched, before any image.
 With --controlnet (repeatable: multi-control) or --adapter, each .jsonl line names its
-control image (see `ldm.cli.sample_control`).
+control image (see `ldm.cli.sample_control`). A .jsonl line with "init_image" (and
+"mask_image") is sampled by img2img (inpainting), with its "strength" (see
+`ldm.cli.sample_img2img`). --scheduler picks the sampler by name (`ldm.schedulers`).
 """
 
 import argparse
@@ -30,6 +32,9 @@ from ldm.cli.shards import Shard, resolve_shard
 from ldm.errors import LdmError
 from ldm.model_parts import check_folder_parts_agree, check_model_folder
 from ldm.prompts import PromptRecord, read_prompts
+from ldm.schedulers import SCHEDULERS, check_scheduler, model_objective
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 MANIFEST = manifest_name("")
 
@@ -56,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the file into N shards by prompt line, e.g. one per machine (default: 1, or the process count under accelerate launch)")
     p.add_argument("--shard-index", type=int, default=None,
                    help="the shard to sample, 0..N-1: prompt lines I, I+N, ... (default: 0, or the process rank under accelerate launch)")
+    p.add_argument("--scheduler", default=None, metavar="NAME",
+                   help="sampler: " + ", ".join(SCHEDULERS) + " (default: the model's own; each fits some objectives, "
+                        "see docs/sampling.md)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and activations (default: fp32)")
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers"),
+                   help="attention kernel: PyTorch SDPA, or xformers (CUDA only) (default: sdpa)")
     p.add_argument("--controlnet", action="append", default=None, metavar="DIR",
                    help="a ControlNet folder (diffusers ControlNetModel); repeat for multi-control. Each .jsonl line "
                         "then needs \"image\": \"path\" (relative to the prompt file; a list with several ControlNets)")
@@ -105,6 +116,22 @@ def check_args(args) -> None:
     if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
         raise LdmError(f"--outdir {args.outdir} exists and is not a folder")
     sample_control.check_control_args(args)
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
+        check_scheduler(args.scheduler, "ddpm")  # the unknown-name error, before the model is read
+    if args.attention == "xformers":
+        check_xformers(args.device)
+
+
+def check_xformers(device: str) -> None:
+    """--attention xformers needs the package and a CUDA device (one line each, before any work)."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("xformers") is None:
+        raise LdmError("--attention xformers but xformers is not installed: pip install xformers, or use --attention sdpa")
+    if not device.startswith("cuda") and not (device == "auto" and torch.cuda.is_available()):
+        raise LdmError(f"--attention xformers needs a CUDA GPU (--device {device}): use --attention sdpa on CPU")
 
 
 def pick_device(name: str):
@@ -191,15 +218,22 @@ def make_images(todo: List[Job], args, shard: Shard, outdir: Path, recorded: set
     transformers.utils.logging.disable_progress_bar()
 
     device = shard.device if args.device == "auto" and shard.device is not None else pick_device(args.device)
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, **sample_control.load_control_models(args)).to(device)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, **sample_control.load_control_models(args)).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    if args.scheduler is not None:
+        from ldm.schedulers import make_scheduler
+
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler, model_objective(args.model))
+    if args.attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
     height, width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
     f = pipe.vae_scale_factor
     if height % f or width % f:
         raise LdmError(f"--height and --width must be multiples of {f} (the VAE's scale factor), got {height}x{width}")
     shape = (pipe.unet.config.in_channels, height // f, width // f)
     sample_control.check_control_sizes(todo, args, height, width)  # every line's, before the first image
-    scheduler = type(pipe.scheduler).__name__
+    scheduler = args.scheduler or type(pipe.scheduler).__name__
     outdir.mkdir(parents=True, exist_ok=True)
     manifest = outdir / manifest_name(shard.suffix)
     cut_torn_tail(manifest)
@@ -213,7 +247,7 @@ def make_images(todo: List[Job], args, shard: Shard, outdir: Path, recorded: set
                 negative_prompt=[j.negative_prompt or "" for j in batch],
                 height=height, width=width,
                 num_inference_steps=batch[0].steps, guidance_scale=batch[0].guidance_scale, eta=args.eta,
-                latents=torch.cat([latents for latents, _ in noise]),
+                latents=torch.cat([latents for latents, _ in noise]).to(dtype),
                 generator=[generator for _, generator in noise],
                 **(sample_control.control_call_args(batch, pipe) if sample_control.control_kind(args) else {}),
             ).images
@@ -255,6 +289,8 @@ def _main(argv=None) -> int:
     all_jobs = plan(records, args)  # every line checked before any work, whichever shard it falls in
     check_model_folder(args.model)  # configs only: a folder of mismatched parts fails now, not after loading
     check_folder_parts_agree(args.model)
+    if args.scheduler is not None:
+        check_scheduler(args.scheduler, model_objective(args.model))  # fits the model's objective, package installed
     shard = resolve_shard(args.num_shards, args.shard_index)
     lines = {r.line for r in shard.take(records)}
     jobs = [job for job in all_jobs if job.record.line in lines]
