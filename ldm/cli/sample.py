@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from ldm.cli import sample_control
+from ldm.cli import sample_control, sample_img2img
 from ldm.cli.common import run_main
 from ldm.cli.sample_io import (
     append_record, cut_torn_tail, is_done, manifest_name, read_manifests, remove_stale_temps, save_png,
@@ -87,6 +87,7 @@ class Job:
     negative_prompt: Optional[str]
     file: str
     control_scale: object = None  # the line's controlnet/adapter conditioning scale (float or tuple), or None
+    edit: Optional[sample_img2img.Edit] = None  # the line's img2img / inpainting settings, or None
 
 
 def plan(records: List[PromptRecord], args) -> List[Job]:
@@ -164,11 +165,13 @@ def initial_noise(job: Job, shape):
 
 
 def batches(jobs: List[Job], batch_size: int):
-    """Consecutive jobs that can share a pipeline call (same steps, guidance and control scale), at most batch_size each."""
+    """Consecutive jobs that can share a pipeline call (same steps, guidance, control scale and img2img settings),
+    at most batch_size each."""
     batch = []
+    key_of = lambda job: (job.steps, job.guidance_scale, job.control_scale,  # noqa: E731
+                          job.edit and (job.edit.mode, job.edit.strength, job.edit.size))
     for job in jobs:
-        key = (job.steps, job.guidance_scale, job.control_scale)
-        if batch and (len(batch) == batch_size or key != (batch[0].steps, batch[0].guidance_scale, batch[0].control_scale)):
+        if batch and (len(batch) == batch_size or key_of(job) != key_of(batch[0])):
             yield batch
             batch = []
         batch.append(job)
@@ -182,6 +185,7 @@ def image_settings(job: Job, args, height: int, width: int, scheduler: str) -> d
         prompt=job.record.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
         guidance_scale=job.guidance_scale, model=str(args.model), line=job.record.line, image_index=job.index,
         eta=args.eta, height=height, width=width, scheduler=scheduler, **control_record(job, args),
+        **sample_img2img.edit_record(job.edit),
     )
 
 
@@ -200,6 +204,7 @@ def manifest_record(job: Job, args) -> dict:
     return dict(
         file=job.file, line=job.record.line, prompt=job.record.prompt, negative_prompt=job.negative_prompt,
         seed=job.seed, steps=job.steps, guidance_scale=job.guidance_scale, **control_record(job, args),
+        **sample_img2img.edit_record(job.edit),
     )
 
 
@@ -241,6 +246,16 @@ def make_images(todo: List[Job], args, shard: Shard, outdir: Path, recorded: set
 
     with tqdm(total=len(todo), unit="img", desc="ldm-sample" + shard.suffix, disable=not shard.is_main) as bar:
         for batch in batches(todo, args.batch_size):
+            edit = batch[0].edit
+            if edit is not None:
+                edit_shape = (shape[0], edit.size[0] // f, edit.size[1] // f)
+                images = sample_img2img.edit_call(pipe, batch, edit, edit_shape, args.eta)
+                for job, image in zip(batch, images):
+                    save_png(image, outdir / job.file, image_settings(job, args, *edit.size, scheduler))
+                    if job.file not in recorded:
+                        append_record(manifest, manifest_record(job, args))
+                    bar.update()
+                continue
             noise = [initial_noise(job, shape) for job in batch]
             images = pipe(
                 [j.record.prompt for j in batch],
@@ -291,6 +306,10 @@ def _main(argv=None) -> int:
     check_folder_parts_agree(args.model)
     if args.scheduler is not None:
         check_scheduler(args.scheduler, model_objective(args.model))  # fits the model's objective, package installed
+    factor = sample_img2img.vae_factor_of(args.model)
+    edits = {r.line: sample_img2img.line_edit(r, args, factor) for r in records}  # files and sizes, before any image
+    for job in all_jobs:
+        job.edit = edits[job.record.line]
     shard = resolve_shard(args.num_shards, args.shard_index)
     lines = {r.line for r in shard.take(records)}
     jobs = [job for job in all_jobs if job.record.line in lines]
