@@ -29,7 +29,9 @@ SCHEDULERS = {
                                                  "use_karras_sigmas": False}, ("ddpm",), "DPM-Solver++(2M) (Lu et al. 2022)"),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
                                                         "use_karras_sigmas": True}, ("ddpm",), "DPM-Solver++(2M), Karras sigmas"),
-    "dpm++sde-karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, ("ddpm",),
+    # Its SDE noise comes from one Brownian tree per call, seeded here (else from the global RNG): runs repeat,
+    # but an image depends on the batch it is in.
+    "dpm++sde-karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True, "noise_sampler_seed": 0}, ("ddpm",),
                         "DPM-Solver++ SDE, Karras sigmas (needs torchsde)"),
     "unipc": ("UniPCMultistepScheduler", {}, ("ddpm",), "UniPC (Zhao et al. 2023)"),
     "lcm": ("LCMScheduler", {}, ("ddpm",), "LCM (Luo et al. 2023): for consistency-distilled U-Nets, 2-8 steps"),
