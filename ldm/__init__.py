@@ -9,7 +9,15 @@ def __getattr__(name):
         from ldm.pipeline import LatentDiffusionPipeline
 
         return LatentDiffusionPipeline
+    if name == "LatentDiffusionImg2ImgPipeline":
+        from ldm.pipeline_img2img import LatentDiffusionImg2ImgPipeline
+
+        return LatentDiffusionImg2ImgPipeline
+    if name == "LatentDiffusionInpaintPipeline":
+        from ldm.pipeline_inpaint import LatentDiffusionInpaintPipeline
+
+        return LatentDiffusionInpaintPipeline
     raise AttributeError(f"module 'ldm' has no attribute {name!r}")
 
 
-__all__ = ["LatentDiffusionPipeline", "__version__"]
+__all__ = ["LatentDiffusionPipeline", "LatentDiffusionImg2ImgPipeline", "LatentDiffusionInpaintPipeline", "__version__"]

@@ -7,6 +7,8 @@ line 900 does not surface after an hour of sampling.
 For conditional control a .jsonl line names its control image, `"image": "edges/1.png"`
 (relative to the prompt file's folder; a list of paths for several ControlNets), and may
 set `controlnet_conditioning_scale` / `adapter_conditioning_scale` (a number, or a list).
+For img2img a line names its start image, `"init_image": "photos/1.png"`, and may set
+`"strength"` (in (0, 1]); with `"mask_image"` too it is inpainted (white: repaint).
 """
 
 import json
@@ -26,6 +28,9 @@ FIELDS = {
     "image": ((str, list), "a path or a list of paths"),
     "controlnet_conditioning_scale": ((int, float, list), "a number or a list of numbers"),
     "adapter_conditioning_scale": ((int, float, list), "a number or a list of numbers"),
+    "init_image": ((str,), "a path"),
+    "mask_image": ((str,), "a path"),
+    "strength": ((int, float), "a number in (0, 1]"),
 }
 # What the items of a list-valued field must be.
 LIST_ITEMS = {
@@ -46,6 +51,9 @@ class PromptRecord:
     image: Optional[List[str]] = None  # control image paths, resolved against the prompt file's folder
     controlnet_conditioning_scale: Optional[Union[float, List[float]]] = None
     adapter_conditioning_scale: Optional[Union[float, List[float]]] = None
+    init_image: Optional[str] = None  # img2img start image, resolved against the prompt file's folder
+    mask_image: Optional[str] = None  # inpainting mask (white: repaint), likewise
+    strength: Optional[float] = None
 
 
 def _lines(path: Path):
@@ -86,6 +94,18 @@ def _check_field(path, number, key, value) -> None:
         raise LdmError(f"{path}, line {number}: 'image' is empty: give the control image's path")
 
 
+def _check_edit_fields(path, number, obj) -> None:
+    """img2img / inpainting fields: a mask or a strength needs an init_image; strength in (0, 1]."""
+    for key in ("mask_image", "strength"):
+        if key in obj and "init_image" not in obj:
+            raise LdmError(f"{path}, line {number}: '{key}' needs \"init_image\" (the image to start from)")
+    if "strength" in obj and not 0.0 < obj["strength"] <= 1.0:
+        raise LdmError(f"{path}, line {number}: strength must be in (0, 1] (1: start from noise), got {obj['strength']}")
+    for key in ("init_image", "mask_image"):
+        if key in obj and not obj[key].strip():
+            raise LdmError(f"{path}, line {number}: '{key}' is empty: give the image's path")
+
+
 def _jsonl_records(path: Path) -> List[PromptRecord]:
     records = []
     for number, line in _lines(path):
@@ -103,6 +123,10 @@ def _jsonl_records(path: Path) -> List[PromptRecord]:
             raise LdmError(f"{path}, line {number}: missing or empty \"prompt\"")
         if obj.get("num_inference_steps", 1) < 1:
             raise LdmError(f"{path}, line {number}: num_inference_steps must be at least 1")
+        _check_edit_fields(path, number, obj)
+        for key in ("init_image", "mask_image"):
+            if key in obj:
+                obj[key] = str(path.parent / obj[key])
         if "image" in obj:
             images = [obj["image"]] if isinstance(obj["image"], str) else obj["image"]
             obj["image"] = [str(path.parent / p) for p in images]  # an absolute path stays as it is

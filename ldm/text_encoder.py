@@ -58,9 +58,12 @@ class OpenCLIPTextModel(ModelMixin, ConfigMixin):
     def hidden_size(self) -> int:
         return self.config.width
 
-    def forward(self, input_ids: torch.Tensor, attention_mask=None, **_):
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, clip_skip: Optional[int] = None, **_):
+        """`clip_skip`: stop that many blocks earlier (diffusers' meaning: 1 is the block before the last used)."""
         # Blocks up to and including `last` (0-based); the final LayerNorm either way.
-        last = self.config.layers - (2 if self.config.layer == "penultimate" else 1)
+        last = self.config.layers - (2 if self.config.layer == "penultimate" else 1) - (clip_skip or 0)
+        if last < 0:
+            raise LdmError(f"clip_skip {clip_skip} skips every block of this {self.config.layers}-block text encoder")
         out = self.text.forward_intermediates(
             input_ids, indices=[last], stop_early=True, intermediates_only=True, output_fmt="NLC"
         )
@@ -147,9 +150,23 @@ def tokenize(tokenizer, prompts, device=None) -> torch.Tensor:
     return ids.to(device) if device is not None else ids
 
 
-def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-    """Hidden states (batch, tokens, width) for cross-attention, from either kind."""
-    return text_encoder(input_ids)[0]
+def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: Optional[int] = None) -> torch.Tensor:
+    """Hidden states (batch, tokens, width) for cross-attention, from either kind.
+
+    `clip_skip` (as in diffusers' pipelines): the hidden states `clip_skip` blocks before the
+    usual output, through the final layer norm.
+    """
+    if not clip_skip:
+        return text_encoder(input_ids)[0]
+    if isinstance(text_encoder, OpenCLIPTextModel):
+        return text_encoder(input_ids, clip_skip=clip_skip)[0]
+    hidden = text_encoder(input_ids, output_hidden_states=True)[-1]
+    if clip_skip + 1 > len(hidden) - 1:
+        raise LdmError(f"clip_skip {clip_skip} skips every block of this {len(hidden) - 1}-block text encoder")
+    # As StableDiffusionPipeline.encode_prompt: that block's output, then the final LayerNorm.
+    # (transformers 5 flattened CLIPTextModel: the layer norm is no longer under .text_model.)
+    final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return final_layer_norm(hidden[-(clip_skip + 1)])
 
 
 def _hf_part(path: Path, part: str) -> str:

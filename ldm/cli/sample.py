@@ -13,7 +13,9 @@ and recorded in the shard's manifest as each one is done; a re-run (killed or no
 any shard count) skips what is already there. Every run ends with a labelled contact
 sheet. The whole file is checked, and the model folder's parts matched, before any image.
 With --controlnet (repeatable: multi-control) or --adapter, each .jsonl line names its
-control image (see `ldm.cli.sample_control`).
+control image (see `ldm.cli.sample_control`). A .jsonl line with "init_image" (and
+"mask_image") is sampled by img2img (inpainting), with its "strength" (see
+`ldm.cli.sample_img2img`). --scheduler picks the sampler by name (`ldm.schedulers`).
 """
 
 import argparse
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from ldm.cli import sample_control
+from ldm.cli import sample_control, sample_img2img
 from ldm.cli.common import run_main
 from ldm.cli.sample_io import (
     append_record, cut_torn_tail, is_done, manifest_name, read_manifests, remove_stale_temps, save_png,
@@ -31,6 +33,9 @@ from ldm.cli.shards import Shard, resolve_shard
 from ldm.errors import LdmError
 from ldm.model_parts import check_folder_parts_agree, check_model_folder
 from ldm.prompts import PromptRecord, read_prompts
+from ldm.schedulers import SCHEDULERS, check_scheduler, model_objective
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 MANIFEST = manifest_name("")
 
@@ -57,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the file into N shards by prompt line, e.g. one per machine (default: 1, or the process count under accelerate launch)")
     p.add_argument("--shard-index", type=int, default=None,
                    help="the shard to sample, 0..N-1: prompt lines I, I+N, ... (default: 0, or the process rank under accelerate launch)")
+    p.add_argument("--scheduler", default=None, metavar="NAME",
+                   help="sampler: " + ", ".join(SCHEDULERS) + " (default: the model's own; each fits some objectives, "
+                        "see docs/sampling.md)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and activations (default: fp32)")
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers"),
+                   help="attention kernel: PyTorch SDPA, or xformers (CUDA only) (default: sdpa)")
     p.add_argument("--controlnet", action="append", default=None, metavar="DIR",
                    help="a ControlNet folder (diffusers ControlNetModel); repeat for multi-control. Each .jsonl line "
                         "then needs \"image\": \"path\" (relative to the prompt file; a list with several ControlNets)")
@@ -80,6 +91,7 @@ class Job:
     negative_prompt: Optional[str]
     file: str
     control_scale: object = None  # the line's controlnet/adapter conditioning scale (float or tuple), or None
+    edit: Optional[sample_img2img.Edit] = None  # the line's img2img / inpainting settings, or None
 
 
 def plan(records: List[PromptRecord], args) -> List[Job]:
@@ -113,6 +125,22 @@ def check_args(args) -> None:
         from ldm.lora import check_lora_args  # torch and diffusers load only when needed: --help stays fast
 
         check_lora_args(args.lora)
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
+        check_scheduler(args.scheduler, "ddpm")  # the unknown-name error, before the model is read
+    if args.attention == "xformers":
+        check_xformers(args.device)
+
+
+def check_xformers(device: str) -> None:
+    """--attention xformers needs the package and a CUDA device (one line each, before any work)."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("xformers") is None:
+        raise LdmError("--attention xformers but xformers is not installed: pip install xformers, or use --attention sdpa")
+    if not device.startswith("cuda") and not (device == "auto" and torch.cuda.is_available()):
+        raise LdmError(f"--attention xformers needs a CUDA GPU (--device {device}): use --attention sdpa on CPU")
 
 
 def pick_device(name: str):
@@ -145,11 +173,13 @@ def initial_noise(job: Job, shape):
 
 
 def batches(jobs: List[Job], batch_size: int):
-    """Consecutive jobs that can share a pipeline call (same steps, guidance and control scale), at most batch_size each."""
+    """Consecutive jobs that can share a pipeline call (same steps, guidance, control scale and img2img settings),
+    at most batch_size each."""
     batch = []
+    key_of = lambda job: (job.steps, job.guidance_scale, job.control_scale,  # noqa: E731
+                          job.edit and (job.edit.mode, job.edit.strength, job.edit.size))
     for job in jobs:
-        key = (job.steps, job.guidance_scale, job.control_scale)
-        if batch and (len(batch) == batch_size or key != (batch[0].steps, batch[0].guidance_scale, batch[0].control_scale)):
+        if batch and (len(batch) == batch_size or key_of(job) != key_of(batch[0])):
             yield batch
             batch = []
         batch.append(job)
@@ -164,6 +194,7 @@ def image_settings(job: Job, args, height: int, width: int, scheduler: str) -> d
         guidance_scale=job.guidance_scale, model=str(args.model), line=job.record.line, image_index=job.index,
         eta=args.eta, height=height, width=width, scheduler=scheduler, **control_record(job, args),
         **({"lora": list(args.lora)} if args.lora else {}),
+        **sample_img2img.edit_record(job.edit),
     )
 
 
@@ -182,6 +213,7 @@ def manifest_record(job: Job, args) -> dict:
     return dict(
         file=job.file, line=job.record.line, prompt=job.record.prompt, negative_prompt=job.negative_prompt,
         seed=job.seed, steps=job.steps, guidance_scale=job.guidance_scale, **control_record(job, args),
+        **sample_img2img.edit_record(job.edit),
     )
 
 
@@ -200,19 +232,26 @@ def make_images(todo: List[Job], args, shard: Shard, outdir: Path, recorded: set
     transformers.utils.logging.disable_progress_bar()
 
     device = shard.device if args.device == "auto" and shard.device is not None else pick_device(args.device)
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, **sample_control.load_control_models(args)).to(device)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, **sample_control.load_control_models(args)).to(device, dtype)
     if args.lora:
         from ldm.lora import load_loras
 
         load_loras(pipe, args.lora)
     pipe.set_progress_bar_config(disable=True)
+    if args.scheduler is not None:
+        from ldm.schedulers import make_scheduler
+
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler, model_objective(args.model))
+    if args.attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
     height, width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
     f = pipe.vae_scale_factor
     if height % f or width % f:
         raise LdmError(f"--height and --width must be multiples of {f} (the VAE's scale factor), got {height}x{width}")
     shape = (pipe.unet.config.in_channels, height // f, width // f)
     sample_control.check_control_sizes(todo, args, height, width)  # every line's, before the first image
-    scheduler = type(pipe.scheduler).__name__
+    scheduler = args.scheduler or type(pipe.scheduler).__name__
     outdir.mkdir(parents=True, exist_ok=True)
     manifest = outdir / manifest_name(shard.suffix)
     cut_torn_tail(manifest)
@@ -220,13 +259,23 @@ def make_images(todo: List[Job], args, shard: Shard, outdir: Path, recorded: set
 
     with tqdm(total=len(todo), unit="img", desc="ldm-sample" + shard.suffix, disable=not shard.is_main) as bar:
         for batch in batches(todo, args.batch_size):
+            edit = batch[0].edit
+            if edit is not None:
+                edit_shape = (shape[0], edit.size[0] // f, edit.size[1] // f)
+                images = sample_img2img.edit_call(pipe, batch, edit, edit_shape, args.eta)
+                for job, image in zip(batch, images):
+                    save_png(image, outdir / job.file, image_settings(job, args, *edit.size, scheduler))
+                    if job.file not in recorded:
+                        append_record(manifest, manifest_record(job, args))
+                    bar.update()
+                continue
             noise = [initial_noise(job, shape) for job in batch]
             images = pipe(
                 [j.record.prompt for j in batch],
                 negative_prompt=[j.negative_prompt or "" for j in batch],
                 height=height, width=width,
                 num_inference_steps=batch[0].steps, guidance_scale=batch[0].guidance_scale, eta=args.eta,
-                latents=torch.cat([latents for latents, _ in noise]),
+                latents=torch.cat([latents for latents, _ in noise]).to(dtype),
                 generator=[generator for _, generator in noise],
                 **(sample_control.control_call_args(batch, pipe) if sample_control.control_kind(args) else {}),
             ).images
@@ -268,6 +317,12 @@ def _main(argv=None) -> int:
     all_jobs = plan(records, args)  # every line checked before any work, whichever shard it falls in
     check_model_folder(args.model)  # configs only: a folder of mismatched parts fails now, not after loading
     check_folder_parts_agree(args.model)
+    if args.scheduler is not None:
+        check_scheduler(args.scheduler, model_objective(args.model))  # fits the model's objective, package installed
+    factor = sample_img2img.vae_factor_of(args.model)
+    edits = {r.line: sample_img2img.line_edit(r, args, factor) for r in records}  # files and sizes, before any image
+    for job in all_jobs:
+        job.edit = edits[job.record.line]
     shard = resolve_shard(args.num_shards, args.shard_index)
     lines = {r.line for r in shard.take(records)}
     jobs = [job for job in all_jobs if job.record.line in lines]
