@@ -24,6 +24,14 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _no_run_reports(request, monkeypatch):
+    """Every training run writes report.html at its end (matplotlib: ~2 s of CPU each); only
+    the tests marked `run_report` pay for it, the rest train without it."""
+    if "run_report" not in request.keywords:
+        monkeypatch.setattr("ldm.train.loop.write_run_report", lambda *args, **kwargs: None)
+
+
 @pytest.fixture(scope="session")
 def clip_tokenizer(tmp_path_factory):
     """A transformers CLIPTokenizer with the full CLIP BPE (as in Stable Diffusion 1)."""

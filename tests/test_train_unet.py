@@ -156,3 +156,12 @@ def test_v_prediction_zero_snr_offset_noise_and_checkpointing_train(tmp_path, va
     scheduler = json.loads((run / "final/scheduler/scheduler_config.json").read_text())
     assert scheduler["rescale_betas_zero_snr"] is True and scheduler["timestep_spacing"] == "trailing"
     assert scheduler["prediction_type"] == "v_prediction"
+
+
+@pytest.mark.run_report
+def test_a_finished_run_writes_its_report(tmp_path, vae_dir):
+    run = tmp_path / "unet"
+    assert main(tiny(run, vae_dir, "train.max_steps=2", "validation.every=1", PROMPTS)) == 0
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2  # the loss curve and a validation grid, embedded
+    assert "http://" not in page and "https://" not in page  # nothing for the browser to fetch

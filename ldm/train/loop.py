@@ -186,10 +186,24 @@ def training_loop(
                     raise KeyboardInterrupt(f"stopped at step {steps} on request")
         except KeyboardInterrupt:
             cadence.interrupted(state)  # checkpoints the last finished step
+            write_run_report(accelerator, run)
             raise
     cadence.finish(state)
 
     accelerator.wait_for_everyone()
     on_main(save, state.step)
+    write_run_report(accelerator, run)
     accelerator.end_training()
     return state
+
+
+def write_run_report(accelerator, run) -> None:
+    """RUN_DIR/report.html (ldm-report) as the run stands; failing to draw it never costs the run."""
+    if not accelerator.is_main_process:
+        return
+    try:
+        from ldm.eval.report import write_report  # matplotlib loads only here
+
+        accelerator.print(f"report: {write_report([run.dir])}")
+    except Exception as e:  # noqa: BLE001 - the model and checkpoints are saved; the page can be drawn later
+        accelerator.print(f"warning: no report written ({type(e).__name__}: {e}); `ldm-report {run.dir}` draws it later")
