@@ -116,8 +116,7 @@ def training_loop(
     """
     train_cfg = cfg.train
     if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        ema.to(accelerator.device)  # checkpointed by checkpoint.py as safetensors + JSON, never pickled
     # Weights were drawn alike on every process; the training noise must differ between them.
     set_seed(train_cfg.seed, device_specific=True)
     run.start(accelerator, cfg, name)

@@ -194,7 +194,7 @@ def check_checkpoint_parts(checkpoint: Path, discriminator: bool, ema: bool) -> 
     """A checkpoint holds a discriminator and an EMA exactly when this run has them."""
     for has, what, file, setting in (
         (discriminator, "a discriminator", "optimizer_1.bin", "loss.discriminator_start"),
-        (ema, "an EMA", "custom_checkpoint_0.pkl", "ema.enabled"),
+        (ema, "an EMA", "ema.safetensors", "ema.enabled"),
     ):
         saved = (Path(checkpoint) / file).is_file()
         if saved != has:
