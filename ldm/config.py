@@ -80,6 +80,8 @@ class TrainConfig:
     # How long processes wait for each other (validation on the main process, checkpoint
     # writes) before the collective times out.
     process_group_timeout_minutes: float = 60.0
+    # Steps with a non-finite (NaN/inf) loss or gradient norm are skipped; this many in a row stop the run.
+    max_nonfinite_steps: int = 5
 
     def __post_init__(self):
         # YAML 1.1 reads a bare `no` as false, so `train.mixed_precision=no` (accelerate's

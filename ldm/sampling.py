@@ -13,6 +13,8 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from tqdm.auto import tqdm
 
+from ldm.errors import LdmError
+
 
 def step_kwargs(scheduler, eta: float, generator) -> dict:
     """`eta` and `generator` for the schedulers whose `step` takes them (DDIM takes both)."""
@@ -113,4 +115,11 @@ def sample_cfg(
                 replaced = callback(i, t, latents)
                 latents = latents if replaced is None else replaced
             bar.update()
+    # 8. A diverged model (or an fp16 overflow) gives NaN latents, which decode to black
+    #    images: say so instead of writing them.
+    if not bool(torch.isfinite(latents).all()):
+        raise LdmError(
+            f"sampling produced non-finite (NaN or inf) latents after {len(timesteps)} steps: the model's weights are "
+            "diverged or overflow in this precision; check its training run (metrics.jsonl), or sample in float32"
+        )
     return latents

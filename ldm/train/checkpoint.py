@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm.errors import LdmError
+from ldm.finite import check_finite_ema, check_finite_module
 from ldm.train.manifest import problem_of, write_manifest
 from ldm.train.run import replace_folder, staging_folder
 
@@ -161,6 +162,10 @@ class Checkpointer:
         self.saved_step = saved_step  # a resumed run starts with its checkpoint's step saved
 
     def save(self, state: TrainState) -> Path:
+        fix = "not saved; the earlier checkpoints are kept: lower train.learning_rate and resume with --resume auto"
+        for model in self.accelerator._models:  # every process holds the same weights: all refuse together
+            check_finite_module(model, f"checkpoint at step {state.step}: the model", fix)
+        check_finite_ema(self.ema, f"checkpoint at step {state.step}", fix)
         path = save_checkpoint(self.accelerator, self.folder, state, self.batches_per_epoch, self.total_limit, self.ema)
         self.saved_step = state.step
         return path
