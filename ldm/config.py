@@ -82,6 +82,9 @@ class TrainConfig:
     process_group_timeout_minutes: float = 60.0
     # Steps with a non-finite (NaN/inf) loss or gradient norm are skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 5
+    # Settings changed on purpose when resuming (--allow-changed KEY), e.g. [train.learning_rate]:
+    # applied for real and recorded in the run's changes.jsonl (see ldm/train/changes.py).
+    allow_changed: List[str] = field(default_factory=list)
 
     def __post_init__(self):
         # YAML 1.1 reads a bare `no` as false, so `train.mixed_precision=no` (accelerate's

@@ -24,8 +24,10 @@ from typing import List, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm.config import save_config
 from ldm.errors import LdmError
 from ldm.finite import check_finite_ema, check_finite_module
+from ldm.train.changes import CONFIG, apply_changes, check_changes
 from ldm.train.manifest import problem_of, write_manifest
 from ldm.train.run import replace_folder, staging_folder
 
@@ -127,7 +129,7 @@ def load_ema(ema, folder: Path) -> None:
 
 
 def save_checkpoint(accelerator, folder, state: TrainState, batches_per_epoch: int, total_limit: Optional[int],
-                    ema=None) -> Path:
+                    ema=None, cfg=None) -> Path:
     """Save the full training state as folder/step-NNNNNN/ and keep the newest `total_limit`."""
     folder = Path(folder)
     final = folder / f"step-{state.step:06d}"
@@ -138,6 +140,8 @@ def save_checkpoint(accelerator, folder, state: TrainState, batches_per_epoch: i
     if accelerator.is_main_process:
         if ema is not None:
             save_ema(ema, tmp)
+        if cfg is not None:  # what a resume is compared with (changes.py)
+            save_config(cfg, tmp / CONFIG)
         (tmp / INFO).write_text(json.dumps({**asdict(state), "batches_per_epoch": batches_per_epoch}, indent=2))
         write_manifest(tmp)  # last: lists (and flushes) everything above
         replace_folder(tmp, final)  # the same step may be saved again, e.g. when a finished run is resumed
@@ -156,8 +160,8 @@ class Checkpointer:
     """
 
     def __init__(self, accelerator, folder, batches_per_epoch: int, total_limit: Optional[int],
-                 saved_step: Optional[int] = None, ema=None):
-        self.accelerator, self.folder, self.ema = accelerator, folder, ema
+                 saved_step: Optional[int] = None, ema=None, cfg=None):
+        self.accelerator, self.folder, self.ema, self.cfg = accelerator, folder, ema, cfg
         self.batches_per_epoch, self.total_limit = batches_per_epoch, total_limit
         self.saved_step = saved_step  # a resumed run starts with its checkpoint's step saved
 
@@ -166,7 +170,8 @@ class Checkpointer:
         for model in self.accelerator._models:  # every process holds the same weights: all refuse together
             check_finite_module(model, f"checkpoint at step {state.step}: the model", fix)
         check_finite_ema(self.ema, f"checkpoint at step {state.step}", fix)
-        path = save_checkpoint(self.accelerator, self.folder, state, self.batches_per_epoch, self.total_limit, self.ema)
+        path = save_checkpoint(self.accelerator, self.folder, state, self.batches_per_epoch, self.total_limit, self.ema,
+                               self.cfg)
         self.saved_step = state.step
         return path
 
@@ -198,7 +203,7 @@ def load_checkpoint(accelerator, path, batches_per_epoch: int, ema=None) -> Trai
 
 
 def start_or_resume(accelerator, checkpoint: Optional[Path], resume: Optional[str], folder, batches_per_epoch: int,
-                    total_limit: Optional[int], ema=None) -> Tuple[TrainState, Checkpointer]:
+                    total_limit: Optional[int], ema=None, cfg=None) -> Tuple[TrainState, Checkpointer]:
     """Where the loop starts (step 0, or `checkpoint` restored) and the run's Checkpointer.
 
     Call it after every model, optimizer and scheduler is prepared: `accelerator.load_state`
@@ -206,11 +211,14 @@ def start_or_resume(accelerator, checkpoint: Optional[Path], resume: Optional[st
     """
     state = TrainState()
     if checkpoint is not None:
+        changes = check_changes(checkpoint, cfg, cfg.train.allow_changed) if cfg is not None else []
         state = load_checkpoint(accelerator, checkpoint, batches_per_epoch, ema)
+        apply_changes(accelerator, changes, state.step, Path(folder).parent)
         if ema is not None:
             ema.to(accelerator.device)  # the EMA's weights are loaded onto the CPU
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     elif resume is not None:
         accelerator.print(f"no checkpoint in {folder} yet: starting afresh")
     saved_step = state.step if checkpoint is not None else None  # a resumed run starts with its step saved
-    return state, Checkpointer(accelerator, folder, batches_per_epoch, total_limit, saved_step=saved_step, ema=ema)
+    return state, Checkpointer(accelerator, folder, batches_per_epoch, total_limit, saved_step=saved_step, ema=ema,
+                                      cfg=cfg)

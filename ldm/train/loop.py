@@ -154,7 +154,7 @@ def training_loop(
     set_seed(train_cfg.seed, device_specific=True)
     run.start(accelerator, cfg, name)
     state, checkpoints = start_or_resume(
-        accelerator, checkpoint, resume, run.checkpoints, len(loader), train_cfg.checkpoints_total_limit, ema
+        accelerator, checkpoint, resume, run.checkpoints, len(loader), train_cfg.checkpoints_total_limit, ema, cfg
     )
     report = Reporter(accelerator, run, train_cfg.max_steps, state.step, unit=unit)
 
