@@ -28,6 +28,7 @@ from ldm.config import save_config
 from ldm.errors import LdmError
 from ldm.finite import check_finite_ema, check_finite_module
 from ldm.train.changes import CONFIG, apply_changes, check_changes
+from ldm.train.disk import check_free_space, writing
 from ldm.train.manifest import problem_of, write_manifest
 from ldm.train.run import replace_folder, staging_folder
 
@@ -133,23 +134,37 @@ def save_checkpoint(accelerator, folder, state: TrainState, batches_per_epoch: i
     """Save the full training state as folder/step-NNNNNN/ and keep the newest `total_limit`."""
     folder = Path(folder)
     final = folder / f"step-{state.step:06d}"
+    found = complete_checkpoints(folder)
+    check_free_space(folder, found[-1] if found else None)  # every process alike, before anything is written
     tmp = staging_folder(final) if accelerator.is_main_process else final.with_name(f".tmp-{final.name}")
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        with writing("checkpoint", tmp):
+            accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with writing("checkpoint", tmp):
+                finish_checkpoint(tmp, final, state, batches_per_epoch, ema, cfg)
+    except LdmError:
+        shutil.rmtree(tmp, ignore_errors=True)  # give back the space a half-written checkpoint took
+        raise
     if accelerator.is_main_process:
-        if ema is not None:
-            save_ema(ema, tmp)
-        if cfg is not None:  # what a resume is compared with (changes.py)
-            save_config(cfg, tmp / CONFIG)
-        (tmp / INFO).write_text(json.dumps({**asdict(state), "batches_per_epoch": batches_per_epoch}, indent=2))
-        write_manifest(tmp)  # last: lists (and flushes) everything above
-        replace_folder(tmp, final)  # the same step may be saved again, e.g. when a finished run is resumed
         if total_limit is not None:
             for stale in complete_checkpoints(folder)[:-total_limit]:
                 shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return final
+
+
+def finish_checkpoint(tmp: Path, final: Path, state: TrainState, batches_per_epoch: int, ema, cfg) -> None:
+    """The main process's part: EMA, config, checkpoint.json, the manifest last, then the rename that publishes it."""
+    if ema is not None:
+        save_ema(ema, tmp)
+    if cfg is not None:  # what a resume is compared with (changes.py)
+        save_config(cfg, tmp / CONFIG)
+    (tmp / INFO).write_text(json.dumps({**asdict(state), "batches_per_epoch": batches_per_epoch}, indent=2))
+    write_manifest(tmp)  # last: lists (and flushes) everything above
+    replace_folder(tmp, final)  # the same step may be saved again, e.g. when a finished run is resumed
 
 
 class Checkpointer:
@@ -202,6 +217,13 @@ def load_checkpoint(accelerator, path, batches_per_epoch: int, ema=None) -> Trai
     return TrainState(step=int(info["step"]), batches=int(info["batches"]))
 
 
+def remove_leftovers(folder) -> None:
+    """Remove the .tmp-step-N / .old-step-N folders a crash mid-save left behind (outside checkpoints_total_limit)."""
+    folder = Path(folder)
+    for stale in list(folder.glob(".tmp-step-*")) + list(folder.glob(".old-step-*")) if folder.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def start_or_resume(accelerator, checkpoint: Optional[Path], resume: Optional[str], folder, batches_per_epoch: int,
                     total_limit: Optional[int], ema=None, cfg=None) -> Tuple[TrainState, Checkpointer]:
     """Where the loop starts (step 0, or `checkpoint` restored) and the run's Checkpointer.
@@ -210,6 +232,8 @@ def start_or_resume(accelerator, checkpoint: Optional[Path], resume: Optional[st
     restores into them (and `load_ema` into `ema`).
     """
     state = TrainState()
+    if accelerator.is_main_process:
+        remove_leftovers(folder)
     if checkpoint is not None:
         changes = check_changes(checkpoint, cfg, cfg.train.allow_changed) if cfg is not None else []
         state = load_checkpoint(accelerator, checkpoint, batches_per_epoch, ema)

@@ -54,6 +54,7 @@ from ldm.finite import check_finite_ema, check_finite_module
 from ldm.train.cadence import Cadence
 from ldm.errors import LdmError
 from ldm.train.checkpoint import TrainState, complete_checkpoints, start_or_resume
+from ldm.train.disk import writing
 from ldm.train.ema import ema_weights
 from ldm.train.interrupt import stop_at_step_end
 from ldm.train.loader import batches_from
@@ -194,7 +195,6 @@ def training_loop(
                     nonfinite += 1
                     report.skipped_nonfinite(steps + 1)
                     if nonfinite >= train_cfg.max_nonfinite_steps:
-                        report.close()  # the error line below the bar, not on it
                         raise nonfinite_stop(steps + 1, nonfinite, checkpoints)
                 steps += 1
                 state = TrainState(steps, batches)  # a consistent point to checkpoint at
@@ -205,11 +205,15 @@ def training_loop(
         except KeyboardInterrupt:
             cadence.interrupted(state)  # checkpoints the last finished step
             raise
+        except LdmError:
+            report.close()  # the error's one line below the progress bar, not on it
+            raise
     cadence.finish(state)
 
     accelerator.wait_for_everyone()
     check_finite_module(net, "the final model", "nothing was saved; resume from the last checkpoint with a lower train.learning_rate")
     check_finite_ema(ema, "the final model", "nothing was saved; resume from the last checkpoint with a lower train.learning_rate")
-    on_main(save, state.step)
+    with writing("the final model", run.final):
+        on_main(save, state.step)
     accelerator.end_training()
     return state

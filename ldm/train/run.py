@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ldm.config import save_config
 from ldm.errors import LdmError
+from ldm.train.disk import writing
 from ldm.train.optim import check_optim_config
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -65,9 +66,10 @@ class Run:
     def start(self, accelerator: Accelerator, config, tracker: str) -> None:
         """Make the folders, write config.yaml, start TensorBoard."""
         if accelerator.is_main_process:
-            for folder in (self.checkpoints, self.samples, self.logs):
-                folder.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.config)
+            with writing("the run folder", self.dir):  # read-only or full: one line, not a traceback
+                for folder in (self.checkpoints, self.samples, self.logs):
+                    folder.mkdir(parents=True, exist_ok=True)
+                save_config(config, self.config)
         accelerator.wait_for_everyone()
         accelerator.init_trackers(tracker)
 
