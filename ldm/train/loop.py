@@ -129,8 +129,8 @@ def nonfinite_stop(step: int, count: int, checkpoints) -> LdmError:
     keep = f"the last checkpoint ({last[-1]}) is kept" if last else "no checkpoint was written yet"
     return LdmError(
         f"training diverged: {count} steps in a row (to step {step}) had a non-finite (NaN or inf) loss or gradient "
-        f"norm and were skipped (train.max_nonfinite_steps={count}); {keep}: lower train.learning_rate (or use bf16 "
-        "instead of fp16) and resume with --resume auto"
+        f"norm and were skipped (train.max_nonfinite_steps={count}); {keep}: resume with a lower learning rate, "
+        "--resume auto --allow-changed train.learning_rate train.learning_rate=... (or use bf16 instead of fp16)"
     )
 
 
