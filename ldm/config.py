@@ -50,6 +50,9 @@ class DataConfig:
     # their image. shapes: the shape's outline; folder: the metadata line's
     # "conditioning_image"; webdataset: the sample's "cond.png".
     conditioning: bool = False
+    # folder: an image whose caption is not UTF-8 or empty is skipped and reported in the run's
+    # skipped.jsonl ("skip"), or stops the run before it starts ("error").
+    bad_captions: str = "skip"
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 

@@ -52,6 +52,7 @@ from accelerate.utils import set_seed
 
 from ldm.finite import check_finite_ema, check_finite_module
 from ldm.train.cadence import Cadence
+from ldm.data.skips import write_skip_report
 from ldm.errors import LdmError
 from ldm.train.checkpoint import TrainState, complete_checkpoints, start_or_resume
 from ldm.train.disk import writing
@@ -154,6 +155,7 @@ def training_loop(
     # Weights were drawn alike on every process; the training noise must differ between them.
     set_seed(train_cfg.seed, device_specific=True)
     run.start(accelerator, cfg, name)
+    write_skip_report(accelerator, run.dir, loader.dataset)  # bad captions skipped: skipped.jsonl and a summary
     state, checkpoints = start_or_resume(
         accelerator, checkpoint, resume, run.checkpoints, len(loader), train_cfg.checkpoints_total_limit, ema, cfg
     )
