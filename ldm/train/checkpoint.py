@@ -74,11 +74,17 @@ def find_checkpoint(folder, resume: Optional[str]) -> Optional[Path]:
     return verified(path)
 
 
+_VERIFIED = set()  # checkpoint folders found whole by this process
+
+
 def verified(path: Path) -> Path:
     """`path` once checked as a whole (manifest.py); otherwise a one-line refusal naming the bad file
     and the newest earlier checkpoint that is whole."""
+    if path.resolve() in _VERIFIED:  # find_checkpoint checked it already in this process: hash it once
+        return path
     problem = problem_of(path)
     if problem is None:
+        _VERIFIED.add(path.resolve())
         return path
     name, what = problem
     step = int(NAME.match(path.name).group(1)) if NAME.match(path.name) else None

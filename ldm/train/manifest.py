@@ -87,6 +87,8 @@ def problem_of(folder: Path) -> "tuple[str, str] | None":
         if sha256(path) != entry["sha256"]:
             return name, "its sha256 does not match the manifest (corrupt)"
     for name, path in present.items():
+        if "/" in name:
+            continue  # a sharded or DeepSpeed state folder: read by its own loader (hash-checked above)
         problem = format_problem(path)
         if problem:
             return name, problem
