@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.ldm-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-control test bench clean
 
 install: $(STAMP)
 
@@ -21,7 +21,12 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ldm-demo
 
+# The demo's base model (trained first if absent), then a ControlNet and a T2I-Adapter on its shapes outlines.
+demo-control: $(STAMP)
+	$(BIN)/ldm-demo --control
+
 test: $(STAMP)
+	sh scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)

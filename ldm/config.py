@@ -246,12 +246,43 @@ class ValidationConfig:
     every: int = 500
     num_inference_steps: int = 25
     guidance_scale: float = 5.0
-    seed: int = 0
+    seed: int = 0  # also seeds the validation loss's fixed noise
+    # Every `every` steps: the loss on the held-out split (data.num_validation images) at
+    # `loss_buckets` fixed noise levels with fixed noise, raw and EMA weights
+    # (ldm/eval/validation_loss.py; metrics.jsonl keys val_loss, val_loss_t{k}, val_loss_ema, ...).
+    loss: bool = True
+    loss_buckets: int = 8
+    loss_batch_size: int = 32  # held-out images per forward pass, per process
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2022) through peft, as diffusers' train_text_to_image_lora.py adds them.
+
+    Only the adapters train; the base stays frozen. Saved in diffusers' LoRA format
+    (final/lora/pytorch_lora_weights.safetensors), which `pipe.load_lora_weights(DIR)` reads.
+    """
+
+    enabled: bool = False
+    rank: int = 4
+    alpha: Optional[float] = None  # None: alpha = rank (the update is scaled by alpha / rank)
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    # Also adapt the text encoder (a transformers CLIPTextModel, as in Stable Diffusion folders).
+    text_encoder: bool = False
+    text_encoder_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
 
 
 @dataclass
 class UNetStageConfig:
     vae_path: str = "runs/vae/final"
+    # Fine-tuning: start from this model folder (ours, or a diffusers Stable Diffusion folder)
+    # instead of a fresh U-Net; `model.*` is then read from the folder, and the objective's
+    # model-defining settings (kind, prediction_type, noise schedule) follow the folder's.
+    init_from: Optional[str] = None
+    init_vae: bool = True  # take the folder's VAE (and its latent scale); false: vae_path
+    init_text_encoder: bool = True  # take the folder's text encoder and tokenizer; false: text_encoder.*
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     model: UNetModelConfig = field(default_factory=UNetModelConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -27,6 +27,7 @@ from ldm.autoencoder import vae_scale_factor
 from ldm.codec import LatentCodec, unscale_latents  # noqa: F401 (unscale_latents: its old home)
 from ldm.errors import LdmError
 from ldm.finite import check_finite_module, check_finite_number
+from ldm.lora import LoraLoading
 from ldm.model_parts import COMPONENTS, check_components, check_folder_parts_agree, check_model_folder  # noqa: F401
 from ldm.sampling import sample_cfg
 from ldm.text_encoder import encode_text, tokenize
@@ -34,8 +35,12 @@ from ldm.text_encoder import encode_text, tokenize
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
-    """VAE + text encoder (open_clip tower or transformers CLIP) + U-Net + any diffusers scheduler."""
+class LatentDiffusionPipeline(DiffusionPipeline, LoraLoading):
+    """VAE + text encoder (open_clip tower or transformers CLIP) + U-Net + any diffusers scheduler.
+
+    LoRA: `load_lora_weights(DIR)`, `set_adapters`, `fuse_lora`, ... of diffusers' Stable Diffusion
+    pipelines (ldm.lora.LoraLoading), on the U-Net and a transformers CLIP text encoder.
+    """
 
     # The ControlNet runs at every step beside the U-Net, so (as in diffusers) it is not in the chain.
     model_cpu_offload_seq = "text_encoder->adapter->unet->vae"

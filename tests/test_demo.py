@@ -27,6 +27,9 @@ def test_demo_runs_both_stages_and_writes_grid_table_and_model(tmp_path, capsys)
     held = {r["prompt"] for r in report["per_prompt"] if r["held_out"]}
     assert held == {"a green triangle", "a purple circle"}
     assert 0.0 <= report["seen"] <= 1.0 and 0.0 <= report["held_out"] <= 1.0
+    assert f"report:       {out / 'report.html'}" in printed
+    page = (out / "report.html").read_text()
+    assert "stage 1: KL autoencoder" in page and "stage 2: latent U-Net" in page
     grid = Image.open(out / "samples.png")
     assert grid.width > grid.height / 18  # 18 labelled rows
 
@@ -62,3 +65,6 @@ def test_demo_control_trains_both_methods_and_scores_them(tmp_path, capsys):
         assert json.loads((out / folder / "final/config.json").read_text())["_class_name"] == cls
     grid = Image.open(out / "control.png")
     assert grid.height > 18 * 32  # 18 rows: control | ControlNet | T2I-Adapter | control off
+    # One report page over all four run folders, the control runs named as such.
+    page = (out / "report.html").read_text()
+    assert page.count('<h2 id="run-') == 4 and page.count("— control model") == 2

@@ -8,7 +8,8 @@ process loaded and trained, first in a straight run, then in a run resumed from 
 step-2 checkpoint (one launch: its imports alone take ~20 s on a 2-core machine).
 
 The run: 16 training images, 2 per process per batch, so one 4-step epoch; checkpoints
-at steps 2 and 4; validation sampled (on the main process only) at steps 2 and 4.
+at steps 2 and 4; validation sampled (on the main process only) at steps 2 and 4, and
+the validation loss on the 4 held-out images taken there by both processes, 2 each.
 """
 
 import json
@@ -129,3 +130,44 @@ def test_tensorboard_holds_the_logged_loss(launched):
     assert sorted(straight) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
     assert all(straight[step] == pytest.approx(records[step], rel=1e-6) for step in straight)
     assert resumed == {step: straight[step] for step in resumed}  # bit-identical steps, identical losses
+
+
+def one_process_validation_loss(final: Path, unet_weights=None, ema=False) -> dict:
+    """The validation loss of a model folder computed here, in one process (optionally with other U-Net weights)."""
+    from ldm.codec import LatentCodec
+    from ldm.config import UNetStageConfig, load_config
+    from ldm.data import build_dataset
+    from ldm.eval.validation_loss import ValidationLoss, text_to_image_inputs
+    from ldm.objectives import build_objective
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    cfg = load_config(UNetStageConfig, str(final / "ldm_config.yaml"))
+    pipe = LatentDiffusionPipeline.from_pretrained(str(final))
+    if unet_weights is not None:
+        pipe.unet.load_state_dict(unet_weights)
+    loss = ValidationLoss(build_objective(cfg.objective), build_dataset(cfg.data, "validation"), cfg.validation,
+                          rank=0, world=1)
+    with torch.no_grad():
+        inputs = text_to_image_inputs(LatentCodec(pipe.vae), pipe.text_encoder, pipe.tokenizer, pipe.unet, "cpu")
+        return loss(inputs, ema=ema)
+
+
+def test_each_rank_takes_its_share_of_the_held_out_split(launched):
+    _, _, reports = launched
+    # Steps 2 and 4, raw then EMA weights: four passes over the share, nothing else held out loaded.
+    assert reports["straight", 0]["held_out"] == [0, 2] * 4 and reports["straight", 1]["held_out"] == [1, 3] * 4
+    assert reports["resumed", 0]["held_out"] == [0, 2] * 2 and reports["resumed", 1]["held_out"] == [1, 3] * 2
+
+
+def test_the_reduced_validation_loss_is_the_one_process_value(launched):
+    """Step 4's validation loss, summed over the two shares, against this process's computation on the
+    whole split: with the EMA weights of final/, and with the raw weights of the step-4 checkpoint."""
+    run, _, _ = launched
+    records = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert [s for s in sorted(records) if "val_loss" in records[s]] == [2, 4]
+    logged = records[4]
+    ema = one_process_validation_loss(run / "final", ema=True)
+    raw = one_process_validation_loss(run / "final", load_file(str(run / "checkpoints/step-000004/model.safetensors")))
+    assert len(ema) == len(raw) == 9 and ema["val_loss_ema"] != raw["val_loss"]
+    for key, value in {**ema, **raw}.items():
+        assert logged[key] == pytest.approx(value, rel=1e-5), key

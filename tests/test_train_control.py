@@ -14,21 +14,6 @@ from ldm.errors import LdmError
 KINDS = {"controlnet": ControlNetModel, "t2i_adapter": T2IAdapter}
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, vae_dir):
-    """A tiny base model folder written by the stage-2 trainer (16x16 images, 8x8x4 latents)."""
-    from ldm.cli.train_unet import main as train_unet
-
-    run = tmp_path_factory.mktemp("base") / "unet"
-    assert train_unet([
-        f"train.output_dir={run}", f"vae_path={vae_dir}", "model.block_out_channels=[32,64]",
-        "model.norm_num_groups=8", "model.layers_per_block=1", "text_encoder.width=32", "text_encoder.heads=4",
-        "text_encoder.layers=1", "text_encoder.context_length=8", "data.resolution=16", "data.shapes.num_images=24",
-        "data.num_validation=4", "train.batch_size=4", "train.max_steps=1", "validation.every=100",
-    ]) == 0
-    return run / "final"
-
-
 def tiny(out, base_dir, kind, *extra):
     return [
         f"base_model={base_dir}", f"train.output_dir={out}", f"control.kind={kind}", "data.resolution=16",

@@ -9,7 +9,8 @@
 
 After each, every process writes REPORT_DIR/{phase}-rank{R}.json (the process group as
 the loop saw it, the indices of the shapes images this process loaded, in order, and the
-folders it wrote with `replace_folder`) and {phase}-rank{R}.safetensors (the raw weights
+folders it wrote with `replace_folder`; separately, the held-out indices it loaded for the
+validation loss) and {phase}-rank{R}.safetensors (the raw weights
 of its own U-Net). It records by wrapping functions the loop calls, from outside, so the
 product code carries no test hooks.
 
@@ -29,11 +30,13 @@ from accelerate.state import PartialState
 from safetensors.torch import save_file
 
 import ldm.train.unet_loop as unet_loop
+from ldm.eval.validation_loss import ValidationLoss
 from ldm.cli.train_unet import main
 from ldm.data.shapes import ShapesDataset
 from ldm.train.checkpoint import complete_checkpoints
 
-seen, unets, final_writes, groups, finals = [], [], [], [], []
+seen, unets, final_writes, groups, finals, held_out = [], [], [], [], [], []
+validating = []  # non-empty while the validation loss runs: its loads go to held_out, not seen
 
 
 def recorded(function, before=None, after=None):
@@ -58,7 +61,12 @@ unet_loop.build_unet = recorded(unet_loop.build_unet, before=process_group, afte
 unet_loop.train_unet = recorded(unet_loop.train_unet, after=finals.append)  # main() imports it at call time
 unet_loop.replace_folder = recorded(unet_loop.replace_folder, before=lambda tmp, final: final_writes.append(str(final)))
 # An index into the whole shapes set (validation items first), as this process loads it.
-ShapesDataset.__getitem__ = recorded(ShapesDataset.__getitem__, before=lambda self, index: seen.append(int(index)))
+ShapesDataset.__getitem__ = recorded(
+    ShapesDataset.__getitem__, before=lambda self, index: (held_out if validating else seen).append(int(index))
+)
+ValidationLoss.local_sums = recorded(
+    ValidationLoss.local_sums, before=lambda *_: validating.append(1), after=lambda _: validating.clear()
+)
 PartialState.destroy_process_group = lambda self, group=None: None
 
 
@@ -67,9 +75,11 @@ def report(folder: Path, phase: str) -> int:
     # DDP wraps the module without copying it: these are the weights this process trained.
     weights = {k: v.detach().cpu().contiguous() for k, v in unets[-1].state_dict().items()}
     save_file(weights, str(folder / f"{phase}-rank{rank}.safetensors"))
-    record = dict(world_size=world_size, rank=rank, backend=backend, seen=seen, final_writes=final_writes)
+    record = dict(world_size=world_size, rank=rank, backend=backend, seen=seen, final_writes=final_writes,
+                  held_out=held_out)
     (folder / f"{phase}-rank{rank}.json").write_text(json.dumps(record))
     seen.clear()
+    held_out.clear()
     final_writes.clear()
     return rank
 

@@ -7,7 +7,8 @@
 5. sample 8 images for each of the 18 (colour, kind) prompts into a labelled grid, and
    print the prompt-adherence table scored by the rule-based checker;
 6. with --control: train a ControlNet and a T2I-Adapter on the shapes outlines on top of
-   that model and measure how well each follows fresh outlines (ldm/cli/demo_control.py).
+   that model and measure how well each follows fresh outlines (ldm/cli/demo_control.py);
+7. write runs/demo/report.html over the run folders of the stages that ran (ldm-report).
 
 A re-run reuses each finished stage (its final/ folder), so an interrupted demo resumes.
 """
@@ -141,7 +142,10 @@ def _main(argv=None):
         from ldm.cli.demo_control import run_control_demo
 
         run_control_demo(args, out, HELD_OUT, _config_path, guidance)
-    print(f"\nmodel folder: {pipeline}\nsample grid:  {out / 'samples.png'}\ntotal time:   {time.time() - start:.0f} s")
+    from ldm.eval.report import write_demo_report
+
+    page = write_demo_report(out)  # both stages (and the control runs when they ran) on one page
+    print(f"\nmodel folder: {pipeline}\nsample grid:  {out / 'samples.png'}\nreport:       {page}\ntotal time:   {time.time() - start:.0f} s")
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@
     ldm-sample --model runs/unet/final --prompts prompts.txt --outdir out/
     accelerate launch -m ldm.cli.sample --model ... --prompts ... --outdir ...   # one shard per GPU
     ldm-sample --model ... --controlnet runs/controlnet/final --prompts edges.jsonl --outdir out/
+    ldm-sample --model ... --lora runs/mylora/final/lora:0.8 --prompts prompts.txt --outdir out/
 
 Each image depends only on its prompt line and its seed (default: --seed + line number):
 its initial noise and any sampler noise come from its own generator, so batch size, the
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "then needs \"image\": \"path\" (relative to the prompt file; a list with several ControlNets)")
     p.add_argument("--adapter", action="append", default=None, metavar="DIR",
                    help="a T2I-Adapter folder (diffusers T2IAdapter); repeatable. Lines need \"image\" as with --controlnet")
+    p.add_argument("--lora", action="append", default=None, metavar="DIR[:SCALE]",
+                   help="a LoRA folder in diffusers' format (pytorch_lora_weights.safetensors, as the trainer's "
+                        "final/lora/), at SCALE (default 1); repeatable")
     return p
 
 
@@ -105,6 +109,10 @@ def check_args(args) -> None:
     if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
         raise LdmError(f"--outdir {args.outdir} exists and is not a folder")
     sample_control.check_control_args(args)
+    if args.lora:
+        from ldm.lora import check_lora_args  # torch and diffusers load only when needed: --help stays fast
+
+        check_lora_args(args.lora)
 
 
 def pick_device(name: str):
@@ -155,6 +163,7 @@ def image_settings(job: Job, args, height: int, width: int, scheduler: str) -> d
         prompt=job.record.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
         guidance_scale=job.guidance_scale, model=str(args.model), line=job.record.line, image_index=job.index,
         eta=args.eta, height=height, width=width, scheduler=scheduler, **control_record(job, args),
+        **({"lora": list(args.lora)} if args.lora else {}),
     )
 
 
@@ -192,6 +201,10 @@ def make_images(todo: List[Job], args, shard: Shard, outdir: Path, recorded: set
 
     device = shard.device if args.device == "auto" and shard.device is not None else pick_device(args.device)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, **sample_control.load_control_models(args)).to(device)
+    if args.lora:
+        from ldm.lora import load_loras
+
+        load_loras(pipe, args.lora)
     pipe.set_progress_bar_config(disable=True)
     height, width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
     f = pipe.vae_scale_factor

@@ -5,7 +5,8 @@ the noised latents and returns one loss per example; `net(x, timestep, context)`
 callable giving the network's raw output (the U-Net through a one-line adapter, or a
 ControlNet wrapper). `t` and `noise` may be given instead of drawn, in the objective's
 own units (DDPM: integer steps; EDM: sigma; flow: t in [0, 1]), so that a validation
-loss can use fixed ones. `sampling_scheduler()` is the diffusers scheduler that samples
+loss can use fixed ones: `validation_levels(n)` gives n fixed noise levels, the midpoint
+quantiles of the kind's own training distribution of them. `sampling_scheduler()` is the diffusers scheduler that samples
 a network trained this way, saved with the model folder.
 """
 
@@ -36,6 +37,21 @@ class Objective:
 
     def sample_t(self, batch_size: int, device=None, generator=None) -> torch.Tensor:
         raise NotImplementedError
+
+    def t_at_quantile(self, q: torch.Tensor) -> torch.Tensor:
+        """The inverse CDF of `sample_t`'s distribution at probabilities `q` (float64), in the kind's units."""
+        raise NotImplementedError
+
+    def validation_levels(self, n: int) -> torch.Tensor:
+        """n fixed noise levels spread over the training distribution, from least to most noise.
+
+        The quantiles (k + 1/2) / n, k = 0..n-1, of the noise levels `sample_t` draws: each
+        stands for an equal share of training, so their mean loss is a fixed-point estimate of
+        the expected training loss. Esser et al. 2024 (arXiv:2403.03206) track validation loss
+        at fixed noise levels and find it follows human preference.
+        """
+        q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        return self.t_at_quantile(q)
 
     def loss(self, net: Net, z0: torch.Tensor, context, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -152,6 +152,16 @@ class DDPMObjective(Objective):
         draw = sample_timesteps_cubic if self.timestep_sampling == "cubic" else sample_timesteps
         return draw(self.scheduler, batch_size, device, generator)
 
+    def t_at_quantile(self, q: torch.Tensor) -> torch.Tensor:
+        """Integer steps: floor(q T) for uniform t (evenly spaced over [0, T)); floor((1 - (1 - q)^3) T) for cubic.
+
+        Both are `sample_t`'s own map from u ~ U(0, 1) to a step, at u = q (cubic: u^3 = 1 - q).
+        """
+        total = self.scheduler.config.num_train_timesteps
+        if self.timestep_sampling == "cubic":
+            q = 1 - (1 - q) ** 3
+        return (q * total).long().clamp(0, total - 1)
+
     def loss(self, net, z0, context, t, noise) -> torch.Tensor:
         z_t = add_noise(self.scheduler, z0, noise, t)
         target = training_target(self.scheduler, z0, noise, t)

@@ -47,6 +47,10 @@ class EDMObjective(Objective):
         n = torch.randn((batch_size,), device=device, generator=generator)
         return (self.cfg.p_mean + self.cfg.p_std * n).exp()
 
+    def t_at_quantile(self, q: torch.Tensor) -> torch.Tensor:
+        """sigma = exp(P_mean + P_std Phi^-1(q)): quantiles of the training log-normal."""
+        return (self.cfg.p_mean + self.cfg.p_std * torch.special.ndtri(q.double())).exp().float()
+
     def preconditioning(self, sigma: torch.Tensor):
         """(c_skip, c_out, c_in, c_noise) of Table 1, for sigma of any shape."""
         sd = self.sigma_data

@@ -43,6 +43,13 @@ class FlowMatchingObjective(Objective):
         n = torch.randn((batch_size,), device=device, generator=generator)
         return torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * n)
 
+    def t_at_quantile(self, q: torch.Tensor) -> torch.Tensor:
+        """t = q (uniform) or sigmoid(m + s Phi^-1(q)) (logit-normal): quantiles of the training t."""
+        q = q.double()
+        if self.timestep_sampling == "logit_normal":
+            q = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.special.ndtri(q))
+        return q.float()
+
     @staticmethod
     def noised(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = (1 - t) z0 + t eps (`FlowMatchEulerDiscreteScheduler.scale_noise` with sigma = t)."""

@@ -4,7 +4,8 @@ Reads top to bottom: check the config, load the base model folder (ours or a dif
 Stable Diffusion folder) and its objective, build data with control images, the control
 model (a ControlNet copied from the base U-Net, or a T2I-Adapter), its EMA and optimizer,
 then the shared training loop (ldm.train.loop) with this stage's step: the base objective's
-loss through the frozen U-Net steered by the control model. The final folder
+loss through the frozen U-Net steered by the control model; the same loss on the held-out
+split at fixed noise levels is its validation loss (ldm/eval/validation_loss.py). The final folder
 (runs/NAME/final) is what `ControlNetModel.from_pretrained` / `T2IAdapter.from_pretrained`
 load as it is.
 
@@ -30,6 +31,7 @@ from ldm.control.dropout import drop_conditioning
 from ldm.control.models import build_control_model, check_control_config
 from ldm.data import build_dataset
 from ldm.errors import LdmError
+from ldm.eval.validation_loss import build_validation_loss, check_validation_loss_config
 from ldm.objectives import build_objective, drop_captions
 from ldm.text_encoder import encode_text, tokenize
 from ldm.train.checkpoint import find_checkpoint
@@ -56,6 +58,7 @@ def train_control(cfg, resume: Optional[str] = None) -> Path:
         raise LdmError("the control stage trains on control images: set data.conditioning=true")
     if cfg.validation.every < 1:
         raise LdmError(f"validation.every must be at least 1, got {cfg.validation.every}")
+    check_validation_loss_config(cfg.validation)
     if cfg.data.cache:
         # An ldm-cache folder is made for a stage-2 config (VAE path, text encoder settings), not a base model folder.
         raise LdmError("data.cache is not read by the control stage yet: set data.cache=null (it encodes images as it trains)")
@@ -103,6 +106,21 @@ def train_control(cfg, resume: Optional[str] = None) -> Path:
         loss = objective(denoiser, z0.float(), context.float()).mean()
         return Step([Update(loss, optimizer, lr_scheduler, clip=control.parameters())], len(z0), {"loss": loss})
 
+    val_loss = build_validation_loss(cfg.validation, cfg.data, objective, accelerator.print)
+
+    def held_out(batch):
+        """A held-out batch as the objective's (net, z0, context): posterior mean, real captions, real controls."""
+        z0 = codec.scale(codec.encode(batch["pixel_values"])[0]).float()
+        with torch.no_grad():
+            context = encode_text(text_encoder, tokenize(tokenizer, batch["caption"], accelerator.device))
+        cond = batch["conditioning_pixel_values"].to(accelerator.device)
+        return ControlledDenoiser(unet, net, cond, weight_dtype), z0, context.float()
+
+    def evaluate(step_: int, ema: bool) -> dict:
+        """The validation loss with the weights the control model holds (EMA ones for ema=True)."""
+        with accelerator.autocast():
+            return val_loss(held_out, ema=ema)
+
     def pipeline():
         """The base pipeline steered by the control model being trained."""
         from ldm.pipeline import LatentDiffusionPipeline
@@ -128,6 +146,7 @@ def train_control(cfg, resume: Optional[str] = None) -> Path:
     training_loop(
         accelerator, run, cfg, loader, checkpoint, resume, name="control", unit="samples",
         trained=[control], net=net, ema=ema, lr_scheduler=lr_scheduler, step=step, validate=validate, save=save,
+        evaluate=evaluate if val_loss is not None else None,
     )
     return run.final
 

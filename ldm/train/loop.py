@@ -11,11 +11,16 @@ hand; interrupt.py), exact resume and the final barrier. A stage owns the rest:
 - `step(batch, step) -> Step`: one (micro-)batch's losses, as one `Update` per optimizer,
   and the scalars to log. `step` is the number of optimizer steps taken so far;
 - `validate(step) -> records`: metrics and image grids of the model as it stands;
-- `save(step) -> records`: the final model folder.
+- `save(step) -> records`: the final model folder;
+- optionally `evaluate(step, ema) -> records`: metrics every process takes part in (the
+  held-out validation loss, ldm/eval/validation_loss.py: each process its share, reduced).
 
 `validate` and `save` run on the main process alone, with the EMA weights swapped into
 `net` and `net` in eval mode, without moving the training RNG (so that validating changes
-no result); the other processes wait. The records they return go to metrics.jsonl.
+no result); the other processes wait. `evaluate` runs just before `validate`, on every
+process, in eval mode with the RNG untouched likewise: once with the raw weights
+(`ema=False`), then, when there is an EMA, with the EMA weights (`ema=True`). The records
+they return go to metrics.jsonl (`evaluate`'s in the step's log record when one is due).
 
 A new stage plugs in like this (the control stage: only the ControlNet trains):
 
@@ -139,6 +144,7 @@ def training_loop(
     accelerator, run, cfg, loader, checkpoint, resume: Optional[str], *, name: str, unit: str,
     trained: Sequence[torch.nn.Module], net: torch.nn.Module, ema, lr_scheduler,
     step: Callable[[dict, int], Step], validate: Callable[[int], Records], save: Callable[[int], Records],
+    evaluate: Optional[Callable[[int, bool], Records]] = None,
 ) -> TrainState:
     """Train to `cfg.train.max_steps` (or the time budget), then `save`; returns the last state.
 
@@ -148,6 +154,7 @@ def training_loop(
     `trained`: the prepared modules that learn (accumulation skips their gradient sync).
     `net`: the unwrapped module the EMA averages (`ema`, or None) and validation evaluates.
     `lr_scheduler`: the schedule whose learning rate is logged.
+    `evaluate`: None, or metrics taken on every process (see the module doc).
     """
     train_cfg = cfg.train
     if ema is not None:
@@ -173,8 +180,23 @@ def training_loop(
                 report.write(step_, **records)
         accelerator.wait_for_everyone()
 
+    def everywhere(step_: int) -> Dict[str, float]:
+        """`evaluate` on every process, raw weights then EMA weights, in eval mode, the RNG untouched."""
+        records = {}
+        if evaluate is None:
+            return records
+        with rng_untouched(accelerator.device):
+            training = net.training
+            net.eval()
+            records.update(evaluate(step_, False) or {})
+            if ema is not None:
+                with ema_weights(ema, net):
+                    records.update(evaluate(step_, True) or {})
+            net.train(training)
+        return records
+
     cadence = Cadence(accelerator, train_cfg, cfg.validation.every, report, checkpoints,
-                      lambda s: on_main(validate, s), lr_scheduler, len(loader))
+                      lambda s: on_main(validate, s), lr_scheduler, len(loader), evaluate=everywhere)
     data = batches_from(accelerator, loader, state.batches)
     steps, batches = state.step, state.batches
     nonfinite = 0  # non-finite steps in a row
