@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL
 
 from ldm.codec import LatentCodec
 from ldm.errors import LdmError
+from ldm.finite import check_finite_module, check_finite_number
 
 
 def build_vae(cfg, sample_size: int) -> AutoencoderKL:
@@ -81,9 +82,16 @@ def load_vae(path) -> AutoencoderKL:
     config = path / "config.json"
     if not config.is_file():
         raise LdmError(f"no VAE at {path}: expected a diffusers AutoencoderKL folder with config.json (train one with train_vae.py)")
-    if "scaling_factor" not in json.loads(config.read_text()):
+    values = json.loads(config.read_text())
+    if "scaling_factor" not in values:
         raise LdmError(
             f"the VAE at {path} has no latent scaling_factor in config.json: "
             "train it with train_vae.py, which measures and stores it"
         )
-    return AutoencoderKL.from_pretrained(str(path))
+    fix = "its training diverged; train it again (lower train.learning_rate) or use another VAE"
+    for key in ("scaling_factor", "latents_mean", "latents_std"):
+        if values.get(key) is not None:
+            check_finite_number(values[key], f"the VAE at {path}: {key} in config.json", fix)
+    vae = AutoencoderKL.from_pretrained(str(path))
+    check_finite_module(vae, f"the VAE at {path}", fix)
+    return vae

@@ -50,6 +50,9 @@ class DataConfig:
     # their image. shapes: the shape's outline; folder: the metadata line's
     # "conditioning_image"; webdataset: the sample's "cond.png".
     conditioning: bool = False
+    # folder: an image whose caption is not UTF-8 or empty is skipped and reported in the run's
+    # skipped.jsonl ("skip"), or stops the run before it starts ("error").
+    bad_captions: str = "skip"
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -80,6 +83,11 @@ class TrainConfig:
     # How long processes wait for each other (validation on the main process, checkpoint
     # writes) before the collective times out.
     process_group_timeout_minutes: float = 60.0
+    # Steps with a non-finite (NaN/inf) loss or gradient norm are skipped; this many in a row stop the run.
+    max_nonfinite_steps: int = 5
+    # Settings changed on purpose when resuming (--allow-changed KEY), e.g. [train.learning_rate]:
+    # applied for real and recorded in the run's changes.jsonl (see ldm/train/changes.py).
+    allow_changed: List[str] = field(default_factory=list)
 
     def __post_init__(self):
         # YAML 1.1 reads a bare `no` as false, so `train.mixed_precision=no` (accelerate's

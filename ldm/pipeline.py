@@ -39,6 +39,7 @@ from ldm import pipeline_control as pc
 from ldm.autoencoder import vae_scale_factor
 from ldm.codec import LatentCodec, unscale_latents  # noqa: F401 (unscale_latents: its old home)
 from ldm.errors import LdmError
+from ldm.finite import check_finite_module, check_finite_number
 from ldm.lora import LoraLoading
 from ldm.model_parts import COMPONENTS, check_components, check_folder_parts_agree, check_model_folder  # noqa: F401
 from ldm.sampling import sample_cfg, set_schedule
@@ -105,7 +106,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, LoraLoading):
         given = [k for k in COMPONENTS if k in kwargs]
         check_model_folder(pretrained_model_name_or_path, given)
         check_folder_parts_agree(pretrained_model_name_or_path, given)  # configs only: before any weights load
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        check_finite_pipeline(pipe, pretrained_model_name_or_path)
+        return pipe
 
     @property
     def default_size(self) -> tuple:
@@ -415,3 +418,13 @@ class LatentDiffusionPipeline(DiffusionPipeline, LoraLoading):
             return {**{k: out[k] for k in self._callback_tensor_inputs if k in out}, "guidance_scale": self._guidance_scale}
 
         return callback
+
+
+def check_finite_pipeline(pipe, folder) -> None:
+    """Refuse a model folder (or a control model given with it) holding NaN/inf weights or scaling factor:
+    a diverged run's model samples black images."""
+    fix = "its training diverged: use an earlier checkpoint's model or train again with a lower train.learning_rate"
+    check_finite_number(pipe.vae.config.scaling_factor, f"{folder}: vae scaling_factor", fix)
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            check_finite_module(module, f"{folder}: {name}", fix)

@@ -59,15 +59,27 @@ class PromptRecord:
 def _lines(path: Path):
     """(line number, text) of every line.
 
-    'utf-8-sig' drops a BOM; reading in text mode turns CRLF (and CR) into LF. Splitting on
-    LF only (not str.splitlines, which also splits on form feeds and U+2028) keeps line
-    numbers as editors count them.
+    A BOM is dropped; CRLF (and CR) become LF, as text mode reads them. Splitting on LF only
+    (not str.splitlines, which also splits on form feeds and U+2028) keeps line numbers as
+    editors count them. Text that is not UTF-8 and NUL bytes are refused with their line.
     """
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a BOM: utf-8-sig's error offsets count from after it
+        raw = raw[3:]
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LdmError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
-    return enumerate(text.split("\n"), start=1)
+        line = raw[: e.start].count(b"\n") + 1  # editors show lines, not byte offsets
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise LdmError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}, byte offset {e.start}; "
+            "Latin-1 or Windows-1252?): save it as UTF-8"
+        ) from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as text mode reads CRLF and CR
+    for number, line in enumerate(lines, start=1):
+        if "\x00" in line:  # kept, it would end up in file names' manifest and PNG metadata unseen
+            raise LdmError(f"{path}, line {number}: a NUL byte (\\x00) in the text (a binary or UTF-16 file?): remove it")
+    return enumerate(lines, start=1)
 
 
 def _txt_records(path: Path) -> List[PromptRecord]:
@@ -119,6 +131,8 @@ def _jsonl_records(path: Path) -> List[PromptRecord]:
             raise LdmError(f"{path}, line {number}: expected a JSON object like {{\"prompt\": \"a red circle\"}}")
         for key, value in obj.items():
             _check_field(path, number, key, value)
+            if isinstance(value, str) and "\x00" in value:  # a \u0000 escape
+                raise LdmError(f"{path}, line {number}: a NUL character (\\u0000) in '{key}': remove it")
         if not obj.get("prompt", "").strip():
             raise LdmError(f"{path}, line {number}: missing or empty \"prompt\"")
         if obj.get("num_inference_steps", 1) < 1:

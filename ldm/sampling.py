@@ -164,4 +164,11 @@ def sample_cfg(
                 latents, embeds, negative_embeds = state["latents"], state["prompt_embeds"], state["negative_prompt_embeds"]
                 guidance_scale = state["guidance_scale"]
             bar.update()
+    # 8. A diverged model (or an fp16 overflow) gives NaN latents, which decode to black
+    #    images: say so instead of writing them.
+    if not bool(torch.isfinite(latents).all()):
+        raise LdmError(
+            f"sampling produced non-finite (NaN or inf) latents after {len(timesteps)} steps: the model's weights are "
+            "diverged or overflow in this precision; check its training run (metrics.jsonl), or sample in float32"
+        )
     return latents

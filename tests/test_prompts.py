@@ -58,3 +58,22 @@ def test_missing_and_non_utf8_files(tmp_path):
         read_prompts(tmp_path / "nope.txt")
     with pytest.raises(LdmError, match="not UTF-8"):
         read_prompts(write(tmp_path, "latin1.txt", "café\n".encode("latin-1")))
+
+
+def test_a_latin1_file_is_refused_with_its_line_number(tmp_path):
+    """Issue 10: fails on the main of 2026-11-30 (the message gave a byte offset only)."""
+    data = "\ufeffa red circle\r\na blue square\r\nun caf\u00e9 vert\r\n".encode("utf-8")[:-len("\u00e9 vert\r\n".encode())]
+    data += "\u00e9 vert\r\n".encode("latin-1")
+    with pytest.raises(LdmError, match="not UTF-8") as e:
+        read_prompts(write(tmp_path, "latin1.txt", data))
+    assert "line 3:" in str(e.value) and "0xe9" in str(e.value) and "column 7" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["nul.txt", "nul.jsonl"])
+def test_a_nul_byte_is_refused_with_its_line_number(tmp_path, name):
+    """Issue 10: fails on the main of 2026-11-30 (the NUL was kept in the prompt and the PNG metadata)."""
+    line = '{"prompt": "a red\\u0000 circle"}' if name.endswith("jsonl") else "a red\x00 circle"
+    text = ("a blue square\n" if name.endswith("txt") else '{"prompt": "a blue square"}\n') + line + "\n"
+    with pytest.raises(LdmError, match="NUL") as e:
+        read_prompts(write(tmp_path, name, text.encode("utf-8")))
+    assert "line 2:" in str(e.value) and "\n" not in str(e.value)

@@ -37,7 +37,7 @@ def test_two_steps_write_a_model_folder_that_samples(tmp_path, vae_dir):
 
     assert (run / "config.yaml").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
-    assert (run / "checkpoints/step-000002/custom_checkpoint_0.pkl").is_file()  # the EMA
+    assert (run / "checkpoints/step-000002/ema.safetensors").is_file()  # the EMA
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000001.png", "step-000002.png"]
     assert [r["step"] for r in records(run)] == [1, 2] and all(r["samples_per_s"] > 0 for r in records(run))
 
@@ -51,9 +51,9 @@ def test_two_steps_write_a_model_folder_that_samples(tmp_path, vae_dir):
     assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["clip_sample"] is False
 
     # The final U-Net holds the EMA weights, not the raw ones.
-    ema = torch.load(run / "checkpoints/step-000002/custom_checkpoint_0.pkl", weights_only=False)
+    ema = load_file(str(run / "checkpoints/step-000002/ema.safetensors"))
     pipe = LatentDiffusionPipeline.from_pretrained(str(final))
-    for shadow, param in zip(ema["shadow_params"], pipe.unet.parameters()):
+    for shadow, param in zip([ema[f"shadow.{i}"] for i in range(len(ema))], pipe.unet.parameters()):
         assert torch.equal(shadow, param.data)
     raw = load_file(str(run / "checkpoints/step-000002/model.safetensors"))
     assert any(not torch.equal(raw[k], v) for k, v in pipe.unet.state_dict().items() if k in raw)

@@ -100,10 +100,10 @@ def final_weights(run):
 def checkpoint_tensors(folder):
     """The model weights (autoencoder, discriminator) and EMA weights a checkpoint folder holds."""
     tensors = {f"{p.name}:{k}": v for p in sorted(folder.glob("model*.safetensors")) for k, v in load_file(str(p)).items()}
-    if (folder / "custom_checkpoint_0.pkl").is_file():
-        ema = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False)
-        tensors.update({f"ema:{i}": t for i, t in enumerate(ema["shadow_params"])})
-        tensors["ema:step"] = torch.tensor(ema["optimization_step"])
+    if (folder / "ema.safetensors").is_file():
+        shadow = load_file(str(folder / "ema.safetensors"))
+        tensors.update({f"ema:{i}": shadow[f"shadow.{i}"] for i in range(len(shadow))})
+        tensors["ema:step"] = torch.tensor(json.loads((folder / "ema.json").read_text())["optimization_step"])
     return tensors
 
 

@@ -33,13 +33,19 @@ def parse_train_args(prog: str, description: str, default_config: str, examples:
     )
     parser.add_argument("--config", metavar="YAML", help=f"a stage config file, e.g. {default_config} (default: built-in defaults)")
     parser.add_argument("--resume", metavar="auto|PATH", help="continue a run from a checkpoint (see below)")
+    parser.add_argument("--allow-changed", metavar="KEY", action="append", default=[],
+                        help="with --resume: a setting changed on purpose since the checkpoint (train.learning_rate, "
+                             "train.batch_size, ...); repeat for several; recorded in the run's changes.jsonl")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
     return parser.parse_intermixed_args(argv)
 
 
 def resolve_config(schema, args):
-    """The stage config from defaults, --config and the overrides."""
-    return load_config(schema, args.config, args.overrides)
+    """The stage config from defaults, --config and the overrides (--allow-changed is train.allow_changed)."""
+    overrides = list(args.overrides)
+    if getattr(args, "allow_changed", None):
+        overrides.append(f"train.allow_changed=[{','.join(args.allow_changed)}]")
+    return load_config(schema, args.config, overrides)
 
 
 @contextmanager

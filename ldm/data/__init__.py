@@ -35,7 +35,7 @@ def build_source(cfg: DataConfig, augment: bool) -> Dataset:
             center_crop=cfg.center_crop or not augment,
             random_flip=cfg.random_flip and augment,
         )
-        return ImageFolderDataset(cfg.path, transform, conditioning=cfg.conditioning)
+        return ImageFolderDataset(cfg.path, transform, conditioning=cfg.conditioning, bad_captions=cfg.bad_captions)
     if cfg.source == "webdataset":
         from ldm.data.webdataset import build_webdataset
 
@@ -60,6 +60,8 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: Optional[bool]
     """
     if split not in SPLITS:
         raise LdmError(f"unknown split '{split}' (valid splits: {', '.join(SPLITS)})")
+    if cfg.bad_captions not in ("skip", "error"):
+        raise LdmError(f"data.bad_captions must be skip or error, got '{cfg.bad_captions}'")
     if cfg.num_validation < 0:
         raise LdmError(f"data.num_validation is {cfg.num_validation} (set it to 0 or more)")
     if cfg.source == "webdataset" and split == "validation":

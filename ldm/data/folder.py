@@ -68,20 +68,39 @@ def read_text(path: Path) -> str:
 
 
 class Entry(NamedTuple):
-    """One metadata line; file_name or text is None when the line is malformed."""
+    """One metadata line; file_name or text is None when the line is malformed; `problem`
+    says why its caption cannot be trained on (not UTF-8), the line being otherwise fine."""
 
     number: int
     file_name: Optional[str]
     text: Optional[str]
     conditioning_image: Optional[str] = None
+    problem: Optional[str] = None
+
+
+def utf8_problem(data: bytes) -> Optional[str]:
+    """Why `data` is not UTF-8 text (the first bad byte and where), or None."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+    return None
 
 
 CONTROL = "conditioning_image"
 
 
 def jsonl_entries(path: Path):
-    """The `Entry` of each non-blank line of a metadata.jsonl."""
-    for number, line in enumerate(read_text(path).split("\n"), start=1):
+    """The `Entry` of each non-blank line of a metadata.jsonl.
+
+    Lines are decoded one by one: a scraped caption in Latin-1 spoils its own line (its
+    caption is skipped and reported), not the whole file.
+    """
+    raw = path.read_bytes()
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a Windows editor's byte-order mark
+    for number, data in enumerate(raw.split(b"\n"), start=1):
+        problem = utf8_problem(data)
+        line = data.decode("utf-8", errors="replace")
         if not line.strip():
             continue
         try:
@@ -91,7 +110,7 @@ def jsonl_entries(path: Path):
             yield Entry(number, None, None)
             continue
         malformed = fields[2] is not None and not isinstance(fields[2], str)  # a control path must be a string
-        yield Entry(number, None, None) if malformed else Entry(number, *fields)
+        yield Entry(number, None, None) if malformed else Entry(number, *fields, problem=problem and f"caption {problem}")
 
 
 def csv_entries(path: Path):
@@ -151,17 +170,28 @@ def read_metadata(root: Path, images: List[Path], path: Optional[Path], entries:
     return lines
 
 
-def load_captions(root: Path, images: List[Path], metadata: Dict[str, Entry]) -> List[str]:
-    """One caption per image: its metadata.jsonl line, else the `.txt` file beside it."""
+def load_captions(root: Path, images: List[Path], metadata: Dict[str, Entry]) -> List[Tuple[str, Optional[str]]]:
+    """One (caption, problem) per image: its metadata.jsonl line, else the `.txt` file beside it.
+
+    `problem` (None when the caption is fine) says why the caption cannot be trained on:
+    not UTF-8, or empty (an image trained with no words at all is a data error, not the
+    unconditional case, which caption dropout makes on purpose).
+    """
     captions, missing = [], []
     for image in images:
         name, txt = relative_name(root, image), image.with_suffix(".txt")
         if name in metadata:
-            captions.append(metadata[name].text)
+            text, problem = metadata[name].text, metadata[name].problem
         elif txt.is_file():
-            captions.append(read_text(txt).strip())
+            data = txt.read_bytes()
+            data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+            problem = utf8_problem(data)
+            text = data.decode("utf-8", errors="replace").strip()
+            problem = problem and f"caption file {txt.name} {problem}"
         else:
             missing.append(image)
+            continue
+        captions.append((text, problem or (None if text.strip() else "empty caption")))
     if missing:
         first = missing[0]
         raise LdmError(
@@ -238,7 +268,7 @@ class ImageFolderDataset(Dataset):
     copy of the data set, so its own count).
     """
 
-    def __init__(self, root, transform: Callable, conditioning: bool = False):
+    def __init__(self, root, transform: Callable, conditioning: bool = False, bad_captions: str = "skip"):
         self.root = Path(root)
         if not self.root.is_dir():
             raise LdmError(f"data folder not found: {self.root} (set data.path to a folder of images with captions)")
@@ -254,7 +284,21 @@ class ImageFolderDataset(Dataset):
         metadata = read_metadata(self.root, images, path, entries)
         # Controls before captions: a control that no line names looks like an image without a caption.
         self.controls: Optional[List[Path]] = load_controls(self.root, images, metadata, path) if conditioning else None
-        self.samples: List[Tuple[Path, str]] = list(zip(images, load_captions(self.root, images, metadata)))
+        captions = load_captions(self.root, images, metadata)
+        # Bad captions (not UTF-8, empty): skipped and reported, as unreadable images are, or an error.
+        self.skipped: List[Tuple[str, str]] = [(str(image), problem) for image, (_, problem) in zip(images, captions) if problem]
+        if self.skipped and bad_captions == "error":
+            path_, problem = self.skipped[0]
+            raise LdmError(f"{len(self.skipped)} images in {self.root} have a bad caption, the first {path_}: {problem} "
+                           "(fix it, or set data.bad_captions=skip to skip and report them)")
+        keep = [i for i, (_, problem) in enumerate(captions) if not problem]
+        if not keep:
+            raise LdmError(f"every caption in {self.root} is empty or not UTF-8 (the first: {self.skipped[0][1]})")
+        self.samples: List[Tuple[Path, str]] = [(images[i], captions[i][0]) for i in keep]
+        if self.controls is not None:
+            self.controls = [self.controls[i] for i in keep]
+        for path_, problem in self.skipped:
+            logger.warning("skipping %s: %s", path_, problem)
         self.transform = transform
         self._unreadable = set()  # indices already found bad: warned once, never decoded again
 

@@ -55,8 +55,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from accelerate.utils import set_seed
 
+from ldm.finite import check_finite_ema, check_finite_module
 from ldm.train.cadence import Cadence
-from ldm.train.checkpoint import TrainState, start_or_resume
+from ldm.data.skips import write_skip_report
+from ldm.errors import LdmError
+from ldm.train.checkpoint import TrainState, complete_checkpoints, start_or_resume
+from ldm.train.disk import writing
 from ldm.train.ema import ema_weights
 from ldm.train.interrupt import stop_at_step_end
 from ldm.train.loader import batches_from
@@ -90,19 +94,50 @@ class Step:
     logged: Dict[str, torch.Tensor] = field(default_factory=dict)  # averaged over each log interval
 
 
-def apply_update(accelerator, update: Update, max_grad_norm: float) -> None:
+def apply_update(accelerator, update: Update, max_grad_norm: float) -> bool:
     """Backward, clip (on the micro-batch that syncs gradients), optimizer and LR steps.
 
     Under gradient accumulation the prepared optimizer and scheduler skip their step on the
-    micro-batches that only accumulate. A guard against non-finite steps belongs here: the
-    clipped norm is the same on every process, so all of them can skip that step together.
+    micro-batches that only accumulate. Returns False when the step was skipped as
+    non-finite: a NaN/inf loss or gradient norm on any process skips the optimizer and LR
+    steps on all of them (the flag is reduced over processes, so they stay in step), and the
+    weights stay as they were. Under fp16 the grad scaler finds inf/NaN gradients itself
+    (and must see them to lower its scale): its skipped steps are reported the same way.
     """
     accelerator.backward(update.loss)
-    if update.clip is not None and accelerator.sync_gradients:
-        accelerator.clip_grad_norm_(update.clip, max_grad_norm)
+    if not accelerator.sync_gradients:
+        update.optimizer.step()  # no-ops while gradients accumulate
+        update.lr_scheduler.step()
+        update.optimizer.zero_grad(set_to_none=True)
+        return True
+    if update.clip is not None:
+        norm = accelerator.clip_grad_norm_(update.clip, max_grad_norm)
+    else:
+        grads = [p.grad for group in update.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+    if accelerator.scaler is None:
+        finite = torch.isfinite(update.loss.detach().float()).all()
+        if norm is not None:
+            finite = finite & torch.isfinite(torch.as_tensor(norm, device=finite.device).float())
+        bad = accelerator.reduce((~finite).float().reshape(1), "sum")
+        if bool(bad.item() > 0):
+            update.optimizer.zero_grad(set_to_none=True)
+            return False
     update.optimizer.step()
-    update.lr_scheduler.step()
+    update.lr_scheduler.step()  # accelerate's scheduler does not step when the grad scaler skipped
     update.optimizer.zero_grad(set_to_none=True)
+    return not getattr(update.optimizer, "step_was_skipped", False)
+
+
+def nonfinite_stop(step: int, count: int, checkpoints) -> LdmError:
+    """The one-line stop after train.max_nonfinite_steps skipped steps in a row (no checkpoint of them is written)."""
+    last = complete_checkpoints(checkpoints.folder)
+    keep = f"the last checkpoint ({last[-1]}) is kept" if last else "no checkpoint was written yet"
+    return LdmError(
+        f"training diverged: {count} steps in a row (to step {step}) had a non-finite (NaN or inf) loss or gradient "
+        f"norm and were skipped (train.max_nonfinite_steps={count}); {keep}: resume with a lower learning rate, "
+        "--resume auto --allow-changed train.learning_rate train.learning_rate=... (or use bf16 instead of fp16)"
+    )
 
 
 def training_loop(
@@ -123,13 +158,13 @@ def training_loop(
     """
     train_cfg = cfg.train
     if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        ema.to(accelerator.device)  # checkpointed by checkpoint.py as safetensors + JSON, never pickled
     # Weights were drawn alike on every process; the training noise must differ between them.
     set_seed(train_cfg.seed, device_specific=True)
     run.start(accelerator, cfg, name)
+    write_skip_report(accelerator, run.dir, loader.dataset)  # bad captions skipped: skipped.jsonl and a summary
     state, checkpoints = start_or_resume(
-        accelerator, checkpoint, resume, run.checkpoints, len(loader), train_cfg.checkpoints_total_limit, ema
+        accelerator, checkpoint, resume, run.checkpoints, len(loader), train_cfg.checkpoints_total_limit, ema, cfg
     )
     report = Reporter(accelerator, run, train_cfg.max_steps, state.step, unit=unit)
 
@@ -164,6 +199,7 @@ def training_loop(
                       lambda s: on_main(validate, s), lr_scheduler, len(loader), evaluate=everywhere)
     data = batches_from(accelerator, loader, state.batches)
     steps, batches = state.step, state.batches
+    nonfinite = 0  # non-finite steps in a row
     with stop_at_step_end() as stop:  # Ctrl-C / SIGTERM: stop after the step at hand (interrupt.py)
         try:
             while steps < train_cfg.max_steps:
@@ -171,13 +207,19 @@ def training_loop(
                 batches += 1
                 with accelerator.accumulate(*trained):
                     out = step(batch, steps)
-                    for update in out.updates:
-                        apply_update(accelerator, update, train_cfg.max_grad_norm)
+                    applied = [apply_update(accelerator, update, train_cfg.max_grad_norm) for update in out.updates]
                 report.add(out.items, **out.logged)
                 if not accelerator.sync_gradients:
                     continue  # a micro-batch: gradients accumulate, no optimizer step was taken
-                if ema is not None:
-                    ema.step(net.parameters())
+                if all(applied):
+                    nonfinite = 0
+                    if ema is not None:
+                        ema.step(net.parameters())
+                else:  # skipped on every process: counted, and the run stops after too many in a row
+                    nonfinite += 1
+                    report.skipped_nonfinite(steps + 1)
+                    if nonfinite >= train_cfg.max_nonfinite_steps:
+                        raise nonfinite_stop(steps + 1, nonfinite, checkpoints)
                 steps += 1
                 state = TrainState(steps, batches)  # a consistent point to checkpoint at
                 if cadence.after_step(state):
@@ -188,10 +230,16 @@ def training_loop(
             cadence.interrupted(state)  # checkpoints the last finished step
             write_run_report(accelerator, run)
             raise
+        except LdmError:
+            report.close()  # the error's one line below the progress bar, not on it
+            raise
     cadence.finish(state)
 
     accelerator.wait_for_everyone()
-    on_main(save, state.step)
+    check_finite_module(net, "the final model", "nothing was saved; resume from the last checkpoint with a lower train.learning_rate")
+    check_finite_ema(ema, "the final model", "nothing was saved; resume from the last checkpoint with a lower train.learning_rate")
+    with writing("the final model", run.final):
+        on_main(save, state.step)
     write_run_report(accelerator, run)
     accelerator.end_training()
     return state

@@ -13,6 +13,7 @@ Only the main process writes; tqdm shows on the local main process only.
 
 import json
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ldm.config import save_config
 from ldm.errors import LdmError
+from ldm.train.disk import writing
 from ldm.train.optim import check_optim_config
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -42,6 +44,8 @@ def check_train_config(cfg) -> None:
         raise LdmError(f"train.checkpoints_total_limit must be at least 1 (or null: keep all), got {cfg.checkpoints_total_limit}")
     if cfg.process_group_timeout_minutes <= 0:
         raise LdmError(f"train.process_group_timeout_minutes must be positive, got {cfg.process_group_timeout_minutes}")
+    if cfg.max_nonfinite_steps < 1:
+        raise LdmError(f"train.max_nonfinite_steps must be at least 1, got {cfg.max_nonfinite_steps}")
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise LdmError(f"train.max_minutes must be positive (or null: no limit), got {cfg.max_minutes}")
     check_optim_config(cfg)
@@ -62,9 +66,10 @@ class Run:
     def start(self, accelerator: Accelerator, config, tracker: str) -> None:
         """Make the folders, write config.yaml, start TensorBoard."""
         if accelerator.is_main_process:
-            for folder in (self.checkpoints, self.samples, self.logs):
-                folder.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.config)
+            with writing("the run folder", self.dir):  # read-only or full: one line, not a traceback
+                for folder in (self.checkpoints, self.samples, self.logs):
+                    folder.mkdir(parents=True, exist_ok=True)
+                save_config(config, self.config)
         accelerator.wait_for_everyone()
         accelerator.init_trackers(tracker)
 
@@ -116,6 +121,7 @@ class Reporter:
             disable=not accelerator.is_local_main_process,
         )
         self.start = time.perf_counter()
+        self.nonfinite = 0  # steps skipped as non-finite in this process's run, in every later record
         self._reset()
 
     def _reset(self):
@@ -133,6 +139,13 @@ class Reporter:
         """One optimizer step done."""
         self.bar.update(1)
 
+    def skipped_nonfinite(self, step: int) -> None:
+        """Step `step` was skipped for a non-finite loss or gradient norm: counted, and said above the bar."""
+        self.nonfinite += 1
+        if self.accelerator.is_main_process:
+            tqdm.write(f"warning: step {step} skipped: non-finite (NaN or inf) loss or gradient norm "
+                       f"({self.nonfinite} so far)", file=sys.stdout)
+
     def log(self, step: int, **extra) -> dict:
         """Write the means since the last log (over all processes) and the throughput."""
         keys = sorted(self.sums)
@@ -143,6 +156,8 @@ class Reporter:
         seconds = max(time.perf_counter() - self.clock - self.pause, 1e-9)
         means[f"{self.unit}_per_s"] = self.items * self.accelerator.num_processes / seconds
         record = {**means, **extra}
+        if self.nonfinite:
+            record["nonfinite_steps"] = self.nonfinite
         self.write(step, **record)
         self.bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", f"{self.unit}_per_s") if k in record})
         self._reset()

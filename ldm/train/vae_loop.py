@@ -24,6 +24,7 @@ from ldm.autoencoder import build_vae, downsampling_factor, measure_latent_stats
 from ldm.data import build_dataset
 from ldm.discriminator import NLayerDiscriminator, logit_map_size
 from ldm.errors import LdmError
+from ldm.finite import check_finite_number
 from ldm.image_metrics import SSIM_WINDOW, mean_absolute_error, psnr, ssim
 from ldm.lpips import LPIPS
 from ldm.train.checkpoint import find_checkpoint
@@ -133,6 +134,9 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
         torch.manual_seed(cfg.train.seed)  # the same factor if the end is run again (the loop restores the RNG)
         batches = scale_batches(train_set, cfg.train.batch_size, cfg.train.seed)
         stats = measure_latent_stats(vae, batches, cfg.scale_samples, per_channel=cfg.per_channel_stats)
+        for key, value in stats.items():  # a NaN scaling factor would be accepted by stage 2 and sample black
+            check_finite_number(value, f"the measured latent {key}", "the VAE's latents are not finite (training "
+                                "diverged); nothing was saved: lower train.learning_rate and train again")
         vae.register_to_config(**stats)
         tmp = staging_folder(run.final)
         vae.save_pretrained(str(tmp))
@@ -194,7 +198,7 @@ def check_checkpoint_parts(checkpoint: Path, discriminator: bool, ema: bool) -> 
     """A checkpoint holds a discriminator and an EMA exactly when this run has them."""
     for has, what, file, setting in (
         (discriminator, "a discriminator", "optimizer_1.bin", "loss.discriminator_start"),
-        (ema, "an EMA", "custom_checkpoint_0.pkl", "ema.enabled"),
+        (ema, "an EMA", "ema.safetensors", "ema.enabled"),
     ):
         saved = (Path(checkpoint) / file).is_file()
         if saved != has:
