@@ -22,6 +22,7 @@ from ldm.data import build_dataset
 from ldm.data.cached import Cached, Encoded, cached_dataset
 from ldm.errors import LdmError
 from ldm.objectives import build_objective, drop_captions
+from ldm.speed import apply_speed_levers
 from ldm.text_encoder import build_text_encoder, enable_gradient_checkpointing, hidden_size
 from ldm.train.checkpoint import find_checkpoint
 from ldm.train.ema import build_ema
@@ -72,6 +73,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     with accelerator.main_process_first():  # the main process writes the tokenizer files first
         tokenizer, text_encoder = build_text_encoder(cfg.text_encoder, run.dir / "tokenizer")
     unet = build_unet(cfg.model, latent_size, vae.config.latent_channels, hidden_size(text_encoder))
+    apply_speed_levers(unet, cfg.train.speed)  # train.speed: channels_last, torch.compile (off by default)
     ema = build_ema(unet, cfg.ema)
     train_text = cfg.text_encoder.trainable
     vae.requires_grad_(False).eval()
