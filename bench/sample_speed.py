@@ -8,7 +8,9 @@ diffusers' "it/s"); images/s is whole pipeline calls (text encoding and VAE deco
 included). `max_abs_diff` compares each variant's images (float, [0, 1]) with diffusers'.
 
 Variants: "diffusers" (eager), "ours" (eager), "ours+fused_qkv+channels_last",
-"ours+compile" (torch.compile of the U-Net), "ours+reduce-overhead" (CUDA graphs; GPU only).
+"ours+compile" (torch.compile of the U-Net), "ours+reduce-overhead" (CUDA graphs; GPU only),
+"ours+xformers" (xformers' memory-efficient attention instead of SDPA, where it runs; else
+the reason it cannot, as the finding).
 
     python bench/sample_speed.py                                   # CPU: demo and wide configs
     python bench/sample_speed.py --configs sd512 --json $OUT/sample_speed.json   # GPU, bf16 weights
@@ -33,7 +35,7 @@ import torch  # noqa: E402
 from bench.train_speed import CONFIGS, TINY, untrained_vae  # noqa: E402
 from ldm.config import UNetStageConfig, load_config  # noqa: E402
 
-VARIANTS = ("diffusers", "ours", "ours+fused_qkv+channels_last", "ours+compile", "ours+reduce-overhead")
+VARIANTS = ("diffusers", "ours", "ours+fused_qkv+channels_last", "ours+compile", "ours+reduce-overhead", "ours+xformers")
 PROMPTS = ["a red circle", "a green square", "a blue triangle", "a yellow circle"]
 
 
@@ -78,6 +80,17 @@ def make_pipelines(parts, variants, device):
         elif v == "ours+reduce-overhead" and device != "cuda":
             skipped[v] = "skipped: CUDA graphs need a CUDA GPU (on the CPU there is no kernel-launch cost to remove)"
             continue
+        elif v == "ours+xformers":
+            from ldm.speed import xformers_status
+            from ldm.unet import set_attention_backend
+
+            status = xformers_status()
+            if status != "available":
+                skipped[v] = f"skipped: xformers {status}"
+                continue
+            unet = copy.deepcopy(parts["unet"])
+            set_attention_backend(unet, "xformers")
+            pipes[v] = LatentDiffusionPipeline(**{**parts, "unet": unet})
         else:
             unet = copy.deepcopy(parts["unet"])
             levers = {"ours+fused_qkv+channels_last": dict(fuse_qkv=True, channels_last=True),
@@ -100,7 +113,7 @@ def timed_call(pipe, prompts, latents, steps: int, device: str):
 
 
 @torch.no_grad()
-def measure(args, name: str, work: Path, device: str, dtype) -> dict:
+def measure(args, name: str, work: Path, device: str, dtype, result: dict) -> dict:
     parts, resolution, channels, latent = components(args, name, work, device, dtype)
     variants = [v for v in args.variants.split(",")]
     pipes, skipped = make_pipelines(parts, variants, device)
@@ -128,6 +141,9 @@ def measure(args, name: str, work: Path, device: str, dtype) -> dict:
         rows.update({v: {"error": why} for v, why in skipped.items()})
         out["batches"][str(batch)] = rows
         print_table(name, batch, out, rows)
+        if args.json:  # after each batch size, so that a run stopped by its time limit keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({**result, "configs": {**result["configs"], name: out}}, indent=2) + "\n")
     return out
 
 
@@ -169,7 +185,7 @@ def main(argv=None) -> int:
     print(f"xformers: {result['xformers']}")
     work = Path(args.workdir)
     for name in args.configs.split(","):
-        result["configs"][name] = measure(args, name, work, device, dtype)
+        result["configs"][name] = measure(args, name, work, device, dtype, result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

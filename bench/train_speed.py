@@ -45,7 +45,7 @@ WIDE = [  # the demo at 4x the U-Net width, a 77-token text tower 4x as wide and
     "model.up_block_types=[CrossAttnUpBlock2D,CrossAttnUpBlock2D]",
     "text_encoder.width=256", "text_encoder.heads=4", "text_encoder.layers=4", "text_encoder.context_length=77",
 ]
-SD = ["data.source=shapes", "data.shapes.num_images=1088", "data.num_validation=64", "text_encoder.weights=null"]
+SD = ["data.source=shapes", "data.shapes.num_images=320", "data.num_validation=64", "text_encoder.weights=null"]
 # name -> (config file, VAE config, overrides)
 CONFIGS = {
     "demo": ("configs/unet/shapes.yaml", "configs/vae/shapes.yaml", ["data.shapes.num_images=1088"]),
@@ -377,6 +377,8 @@ def main(argv=None) -> int:
                  "batch_size": cfg.train.batch_size, "resolution": cfg.data.resolution, "latent": latent,
                  "unet_gflops_per_image_fwd_bwd": flops / 1e9, "load_average_1_5_15": loads,
                  "variants": summary}
+        result["configs"][name] = entry
+        write_json(args.json, result)  # now, and again after the largest-batch search
         if args.max_batch:
             if device != "cuda":
                 entry["largest_batch"] = "skipped: needs a CUDA GPU (the CPU has no fixed memory limit to find)"
@@ -386,10 +388,14 @@ def main(argv=None) -> int:
                     for gc in (False, True)}
         result["configs"][name] = entry
         print_table(name, entry, device)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)  # after each config, so that a run stopped by its time limit keeps what it measured
     return 0
+
+
+def write_json(path, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def print_table(name: str, entry: dict, device: str) -> None:

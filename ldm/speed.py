@@ -86,11 +86,24 @@ def apply_sampling_levers(unet: torch.nn.Module, *, channels_last: bool = False,
 
 
 def xformers_status() -> str:
-    """'available', or why xformers' memory-efficient attention cannot be used here (the import error)."""
+    """'available', or why xformers' memory-efficient attention cannot run here (the error, first line).
+
+    Importing is not enough: a wheel built for another torch or CUDA imports with a warning
+    and fails on the first call, so this calls the kernel once on a tiny input.
+    """
     try:
-        import xformers.ops  # noqa: F401
+        import xformers.ops as xops
     except Exception as error:  # ImportError, or a binary built for another torch / CUDA
-        return f"unavailable: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return f"unavailable: {type(error).__name__}: {first_line(error)}"
     if not torch.cuda.is_available():
         return "unavailable: xformers is installed but needs a CUDA GPU"
+    try:
+        q = torch.randn(1, 16, 2, 64, device="cuda", dtype=torch.float16)
+        xops.memory_efficient_attention(q, q, q)
+    except Exception as error:
+        return f"unavailable: {type(error).__name__}: {first_line(error)}"
     return "available"
+
+
+def first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
