@@ -125,8 +125,11 @@ def peak_memory() -> dict:
 
 
 def run_ours(cfg, warmup: int) -> dict:
+    import shutil
+
     from ldm.train.unet_loop import train_unet
 
+    shutil.rmtree(cfg.train.output_dir, ignore_errors=True)  # a repeat starts afresh (the last one left a checkpoint)
     train_unet(cfg)
     records = [json.loads(line) for line in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "samples_per_s" in r and r["step"] > warmup]
