@@ -355,6 +355,8 @@ def main(argv=None) -> int:
                        "steps": args.steps, "threads": args.threads}
                 out = run_job(job, args.timeout)
                 runs[v].append(out)
+                result["configs"][name] = {"partial_runs": runs}  # replaced by the summary below
+                write_json(args.json, result)
                 shown = f"{out['images_per_s']:.1f} images/s" if "images_per_s" in out else out["error"]
                 print(f"{name} repeat {repeat + 1} {v}: {shown}", flush=True)
             loads.append(load_average())
