@@ -68,6 +68,7 @@ LEVERS = {  # variant -> the levers on top of "ours"
     "+fused": ["CACHE", *FAST_ADAM["fused"]],
     "+channels_last": ["CACHE", *FAST_ADAM["fused"], "train.speed.channels_last=true"],
     "+bf16": ["CACHE", *FAST_ADAM["fused"], "train.mixed_precision=bf16"],
+    "+bf16+channels_last": ["CACHE", *FAST_ADAM["fused"], "train.mixed_precision=bf16", "train.speed.channels_last=true"],
     "+compile": ["CACHE", *FAST_ADAM["fused"], "train.mixed_precision=bf16", "train.speed.compile=true"],
     "all": ["CACHE", *FAST_ADAM["fused"], "train.mixed_precision=bf16", "train.speed.channels_last=true", "train.speed.compile=true"],
 }
