@@ -57,6 +57,22 @@ class DataConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Speed levers of a training step (ldm.train.speed); the defaults change nothing.
+
+    Each one is measured on and off by bench/train_speed.py (docs/benchmarks.md).
+    """
+
+    channels_last: bool = False  # NHWC weights and activations: faster convolutions with oneDNN / cuDNN
+    # torch.compile of the trained U-Net (Module.compile: its state dict keeps its names).
+    compile: bool = False
+    compile_mode: Optional[str] = None  # None | "default" | "reduce-overhead" | "max-autotune"
+    # AdamW kernel: "default" (torch's choice: for-loop on CPU, foreach on CUDA), "foreach"
+    # (one kernel per op over all parameters) or "fused" (one kernel for the whole update).
+    adamw: str = "default"
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -88,6 +104,7 @@ class TrainConfig:
     # Settings changed on purpose when resuming (--allow-changed KEY), e.g. [train.learning_rate]:
     # applied for real and recorded in the run's changes.jsonl (see ldm/train/changes.py).
     allow_changed: List[str] = field(default_factory=list)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def __post_init__(self):
         # YAML 1.1 reads a bare `no` as false, so `train.mixed_precision=no` (accelerate's
@@ -104,6 +121,9 @@ class EMAConfig:
     use_warmup: bool = True
     inv_gamma: float = 1.0
     power: float = 0.75
+    # Update the average with torch._foreach ops (diffusers' EMAModel(foreach=True)): same
+    # numbers, one kernel per op instead of one per parameter.
+    foreach: bool = False
 
 
 # ---------------------------------------------------------------- stage 1

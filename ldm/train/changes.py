@@ -28,6 +28,7 @@ HARMLESS = (
     "train.checkpoints_total_limit", "train.output_dir", "train.process_group_timeout_minutes",
     "train.max_nonfinite_steps", "train.allow_changed", "data.num_workers", "validation.", "scale_samples",
     "per_channel_stats",
+    "train.speed.", "ema.foreach",  # speed levers: the same results (tests/test_speed.py), only faster
 )
 DELIBERATE = (
     "train.learning_rate", "train.batch_size", "train.gradient_accumulation_steps", "train.max_grad_norm",

@@ -52,6 +52,7 @@ def build_ema(model, cfg) -> Optional[EMAModel]:
         power=cfg.power,
         model_cls=type(model),
         model_config=model.config,
+        foreach=cfg.foreach,
     )
 
 

@@ -7,6 +7,8 @@ from ldm.errors import LdmError
 
 # piecewise_constant needs step rules that TrainConfig does not carry.
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
+# train.speed.adamw -> torch.optim.AdamW's implementation flags ("default": torch picks).
+ADAMW_IMPLS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 def check_optim_config(cfg) -> None:
@@ -16,6 +18,8 @@ def check_optim_config(cfg) -> None:
         raise LdmError(f"train.learning_rate must be positive, got {cfg.learning_rate}")
     if cfg.lr_warmup_steps < 0:
         raise LdmError(f"train.lr_warmup_steps must be 0 or more, got {cfg.lr_warmup_steps}")
+    if cfg.speed.adamw not in ADAMW_IMPLS:
+        raise LdmError(f"train.speed.adamw must be one of {', '.join(ADAMW_IMPLS)}, got '{cfg.speed.adamw}'")
 
 
 def build_optimizer(params, cfg) -> torch.optim.AdamW:
@@ -25,6 +29,7 @@ def build_optimizer(params, cfg) -> torch.optim.AdamW:
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay,
         eps=cfg.adam_epsilon,
+        **ADAMW_IMPLS[cfg.speed.adamw],
     )
 
 

@@ -33,6 +33,7 @@ from ldm.eval.validation_loss import build_validation_loss, check_validation_los
 from ldm.lora import add_lora, check_lora_config, save_lora
 from ldm.model_parts import check_components
 from ldm.objectives import build_objective, drop_captions
+from ldm.speed import apply_speed_levers
 from ldm.text_encoder import build_text_encoder, enable_gradient_checkpointing, hidden_size
 from ldm.train.checkpoint import find_checkpoint
 from ldm.train.ema import build_ema, trained_parameters
@@ -125,6 +126,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
             place(text_encoder, accelerator.device, weight_dtype)
             add_lora(text_encoder, cfg.lora, cfg.lora.text_encoder_target_modules, "text encoder")
         cast_training_params([unet, text_encoder], torch.float32)
+    apply_speed_levers(unet, cfg.train.speed)  # train.speed: channels_last, torch.compile (off by default)
     ema = build_ema(unet, cfg.ema)  # over what trains: the whole U-Net, or its adapters
     text_encoder.train(train_text)
     unet.train()
