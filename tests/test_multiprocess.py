@@ -108,8 +108,8 @@ def test_the_main_process_alone_writes_the_run_folder(launched):
     for phase in ("straight", "resumed"):
         assert reports[phase, 0]["final_writes"] == [str(run / "final")] and reports[phase, 1]["final_writes"] == []
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoints", "config.yaml", "final", "logs", "metrics.jsonl", "samples", "tokenizer",
-    ]  # no .tmp-final / .old-final left behind
+        "checkpoints", "config.yaml", "final", "logs", "metrics.jsonl", "report.html", "samples", "tokenizer",
+    ]  # no .tmp-final / .old-final left behind; report.html (ldm-report) from the main process at the end
     assert (run / "final/unet/diffusion_pytorch_model.safetensors").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # one record a step, not one per process
