@@ -273,6 +273,19 @@ class ValidationConfig:
     loss: bool = True
     loss_buckets: int = 8
     loss_batch_size: int = 32  # held-out images per forward pass, per process
+    # Evaluation during training (ldm/eval/during_training.py): every `eval_every` steps (at validation
+    # steps; None: off), sample `eval_images_per_prompt` images of each of `eval_prompts` with the EMA
+    # weights and log eval_* keys: eval_adherence(_held_out) on shapes data, eval_fid/eval_kid against
+    # the held-out images with `eval_inception_weights`, eval_clip_score with a local CLIP.
+    eval_every: Optional[int] = None
+    eval_prompts: List[str] = field(default_factory=list)  # empty: the 18 shapes prompts (data.source=shapes)
+    eval_images_per_prompt: int = 4
+    eval_steps: int = 25
+    eval_guidance_scale: float = 5.0
+    eval_inception_weights: Optional[str] = None
+    eval_clip_model: Optional[str] = None  # open_clip architecture name, with eval_clip_weights
+    eval_clip_weights: Optional[str] = None
+    eval_clip_folder: Optional[str] = None  # or a transformers CLIP folder
 
 
 @dataclass

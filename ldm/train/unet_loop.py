@@ -29,6 +29,7 @@ from ldm.cache import check_cache
 from ldm.data import build_dataset
 from ldm.data.cached import Cached, Encoded, cached_dataset
 from ldm.errors import LdmError
+from ldm.eval.during_training import build_training_eval
 from ldm.eval.validation_loss import build_validation_loss, check_validation_loss_config, eval_mode, text_to_image_inputs
 from ldm.lora import add_lora, check_lora_config, save_lora
 from ldm.model_parts import check_components
@@ -94,6 +95,8 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     cache = check_cache(cfg, vae) if cfg.data.cache else None
     train_set = build_dataset(cfg.data, "train") if cache is None else cached_dataset(cfg, cache)
     accelerator = make_accelerator(cfg.train, run)
+    # validation.eval_every: its weight files are loaded (and checked) now, before training.
+    training_eval = build_training_eval(cfg.validation, cfg.data, accelerator.device)
     loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator.num_processes)
 
     # ---- 2. Models. The VAE (and by default the text encoder) are frozen; only the U-Net trains.
@@ -181,12 +184,16 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
         with accelerator.autocast(), eval_mode(text_encoder):
             return val_loss(held_out, ema=ema)
 
-    def validate(step: int) -> None:
-        """A grid of the validation prompts, sampled with the EMA weights."""
+    def validate(step: int) -> Optional[dict]:
+        """A grid of the validation prompts, and when due the eval_* scores, sampled with the EMA weights."""
+        # autocast: under mixed precision the frozen VAE and text encoder hold fp16/bf16 weights.
         if cfg.validation.prompts:
-            # autocast: under mixed precision the frozen VAE and text encoder hold fp16/bf16 weights.
             with accelerator.autocast():
                 save_samples(pipeline(), cfg.validation, run.samples / f"step-{step:06d}.png")
+        if training_eval is not None and training_eval.due(step, step >= cfg.train.max_steps):
+            with accelerator.autocast(), eval_mode(text_encoder):
+                return training_eval.evaluate(pipeline())
+        return None
 
     def save(step: int) -> None:
         """The final model folder: the pipeline with the EMA weights, in float32; with LoRA, final/lora/ only."""
