@@ -49,3 +49,19 @@ def test_settings_are_checked():
         build_training_eval(ValidationConfig(eval_every=3, every=2), shapes)
     with pytest.raises(LdmError, match="eval_prompts"):
         build_training_eval(ValidationConfig(eval_every=1, every=1), DataConfig(source="folder"))
+
+
+def test_fid_and_clip_score_from_local_files(tmp_path, vae_dir):
+    """With a (random) Inception file and a transformers CLIP folder, eval_fid, eval_kid and eval_clip_score are logged."""
+    from eval_files import write_hf_clip_folder, write_inception_weights
+
+    from ldm.eval.weights import INCEPTION_FILE
+
+    inception = write_inception_weights(tmp_path / INCEPTION_FILE)
+    clip = write_hf_clip_folder(tmp_path / "clip")[0]
+    run = run_unet(tmp_path, vae_dir, "eval", "validation.eval_every=2", "validation.every=2", "validation.eval_images_per_prompt=1",
+                   "validation.eval_steps=2", f"validation.eval_inception_weights={inception}", f"validation.eval_clip_folder={clip}")
+    scored = [r for r in records(run) if "eval_fid" in r]
+    assert [r["step"] for r in scored] == [2]
+    r = scored[0]
+    assert r["eval_fid"] >= 0 and r["eval_kid_std"] >= 0 and -1 <= r["eval_clip_score"] / 100 <= 1 and 0 <= r["eval_adherence"] <= 1
