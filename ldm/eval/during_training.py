@@ -34,18 +34,15 @@ def eval_prompts(cfg, data_cfg) -> List[str]:
 
 
 def is_shapes(prompts) -> bool:
-    from ldm.data.shapes import parse_pair
+    """Every prompt a shapes caption (ldm-eval's test, which reads prompt records)."""
+    from ldm.cli.eval import is_shapes as records_are_shapes
+    from ldm.prompts import PromptRecord
 
-    try:
-        for p in prompts:
-            parse_pair(p)
-    except LdmError:
-        return False
-    return True
+    return records_are_shapes([PromptRecord(line=i + 1, prompt=p) for i, p in enumerate(prompts)])
 
 
 class TrainingEval:
-    """`due(step, last)`, then `evaluate(pipe, step) -> {eval_*: float}` with the pipeline as it stands."""
+    """`due(step, last)`, then `evaluate(pipe) -> {eval_*: float}` with the pipeline as it stands."""
 
     def __init__(self, cfg, data_cfg, device="cpu"):
         self.cfg = cfg
