@@ -232,3 +232,26 @@ def test_each_png_says_how_it_was_made(tiny_model_dir, tmp_path):
     assert (text["prompt"], text["seed"], text["steps"], text["guidance_scale"], text["model"]) == (
         "a red circle", "11", "2", "4.5", str(tiny_model_dir))
     assert json.loads(text["parameters"])["scheduler"] == "DDIMScheduler"
+
+
+def test_the_model_folders_validation_loss_is_reported(tiny_model_dir, files, tmp_path, capsys):
+    """The held-out loss of the folder's U-Net at the training buckets, as the training loop measures it."""
+    from ldm import LatentDiffusionPipeline
+    from ldm.codec import LatentCodec
+    from ldm.config import UNetStageConfig, load_config
+    from ldm.eval.validation_loss import ValidationLoss, held_out_split, text_to_image_inputs
+    from ldm.objectives import build_objective
+
+    out = tmp_path / "eval"
+    assert run(tiny_model_dir, out, "--data-config", str(files["data"]), "--guidance-scales", "3") == 0
+    assert "validation loss on the held-out split" in capsys.readouterr().out
+    reported = json.loads((out / "eval.json").read_text())["validation_loss"]
+    buckets = [reported[f"val_loss_t{k}"] for k in range(8)]
+    assert reported["val_loss"] == pytest.approx(sum(buckets) / 8, rel=1e-12) and all(b > 0 for b in buckets)
+    # The same number as the training loop's ValidationLoss on this folder's parts.
+    cfg = load_config(UNetStageConfig, str(files["data"]))
+    pipe = LatentDiffusionPipeline.from_pretrained(str(tiny_model_dir))
+    direct = ValidationLoss(build_objective(cfg.objective), held_out_split(cfg.data), cfg.validation, rank=0, world=1)
+    with torch.no_grad():
+        expected = direct(text_to_image_inputs(LatentCodec(pipe.vae), pipe.text_encoder, pipe.tokenizer, pipe.unet, "cpu"))
+    assert reported["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)

@@ -157,6 +157,30 @@ def load_metrics(args, chosen, real, device="cpu"):
     return inception, clip
 
 
+def model_validation_loss(args):
+    """The model folder's held-out validation loss as training measures it (ldm/eval/validation_loss.py):
+    fixed noise levels and noise, the split of --data-config. It does not depend on guidance, so one
+    figure serves every point. None without --data-config."""
+    if args.data_config is None:
+        return None
+    import torch
+
+    from ldm.codec import LatentCodec
+    from ldm.config import UNetStageConfig, load_config
+    from ldm.eval.validation_loss import ValidationLoss, held_out_split, text_to_image_inputs
+    from ldm.objectives import build_objective
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    cfg = load_config(UNetStageConfig, args.data_config, args.data)
+    dataset = held_out_split(cfg.data)
+    if dataset is None:
+        return None
+    pipe = LatentDiffusionPipeline.from_pretrained(str(args.model))
+    loss = ValidationLoss(build_objective(cfg.objective), dataset, cfg.validation, rank=0, world=1)
+    with torch.no_grad():
+        return loss(text_to_image_inputs(LatentCodec(pipe.vae), pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.device))
+
+
 def end_process_group() -> None:
     """Leave the process group accelerate opened: only the main process goes on to score."""
     import torch.distributed as dist
@@ -206,6 +230,9 @@ def _main(argv=None) -> int:
         # Asked for one of FID and KID: the other came along (same features) but is not reported.
         unasked = {"fid"} - set(chosen) | ({"kid", "kid_std"} if "kid" not in chosen else set())
         rows.append({**row, **{k: v for k, v in scores.items() if k not in unasked}})
+    val_loss = model_validation_loss(args)
+    if val_loss is not None:
+        print(f"validation loss on the held-out split (any guidance scale): {val_loss['val_loss']:.5g}")
     print(format_table(rows))
     outdir = Path(args.outdir)
     plot = plot_points(rows, outdir / "tradeoff.png")
@@ -215,7 +242,7 @@ def _main(argv=None) -> int:
         "metrics": chosen, "real_images": None if real is None else len(real),
         "inception_weights": args.inception_weights, "inception_features": args.inception_features if inception else None,
         "clip": args.clip_folder or (f"{args.clip_model} {args.clip_weights}" if args.clip_model else None),
-        "points": rows, "machine": machine_info(), "seconds": round(time.time() - start, 1),
+        "points": rows, "validation_loss": val_loss, "machine": machine_info(), "seconds": round(time.time() - start, 1),
     }
     path = write_json(result, outdir / "eval.json")
     print(f"results: {path}" + (f"\nplot:    {plot}" if plot else ""))
