@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ldm.errors import LdmError
 from ldm.objectives.noise import sample_noise
 
 Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -22,6 +23,16 @@ Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def mean_per_example(x: torch.Tensor) -> torch.Tensor:
     """The mean over every dimension but the batch."""
     return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def timestep_sampling(cfg, kind: str, allowed: tuple) -> str:
+    """`cfg.timestep_sampling`, or the kind's default (the first of `allowed`); one line if it is not allowed."""
+    sampling = cfg.timestep_sampling or allowed[0]
+    if sampling not in allowed:
+        raise LdmError(
+            f"objective.timestep_sampling must be one of {', '.join(allowed)} for objective.kind={kind}, got '{sampling}'"
+        )
+    return sampling
 
 
 class Objective:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ldm.errors import LdmError
-from ldm.objectives.base import Objective, mean_per_example
+from ldm.objectives.base import Objective, mean_per_example, timestep_sampling
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
@@ -139,12 +139,7 @@ class DDPMObjective(Objective):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        sampling = cfg.timestep_sampling or "uniform"
-        if sampling not in TIMESTEP_SAMPLING:
-            raise LdmError(
-                f"objective.timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLING)} for objective.kind=ddpm, "
-                f"got '{sampling}'"
-            )
+        sampling = timestep_sampling(cfg, "ddpm", TIMESTEP_SAMPLING)
         self.timestep_sampling = sampling
         self.scheduler = build_noise_scheduler(cfg)
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ldm.errors import LdmError
-from ldm.objectives.base import Objective, mean_per_example
+from ldm.objectives.base import Objective, mean_per_example, timestep_sampling
 
 TIMESTEP_SAMPLING = ("logit_normal", "uniform")
 
@@ -27,12 +27,7 @@ class FlowMatchingObjective(Objective):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        sampling = cfg.timestep_sampling or "logit_normal"
-        if sampling not in TIMESTEP_SAMPLING:
-            raise LdmError(
-                f"objective.timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLING)} for objective.kind=flow, "
-                f"got '{sampling}'"
-            )
+        sampling = timestep_sampling(cfg, "flow", TIMESTEP_SAMPLING)
         if cfg.logit_std <= 0:
             raise LdmError(f"objective.logit_std must be positive, got {cfg.logit_std}")
         self.timestep_sampling = sampling
