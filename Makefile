@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.ldm-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-control test bench clean
+.PHONY: install demo demo-control test reliability bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ demo-control: $(STAMP)
 test: $(STAMP)
 	sh scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest tests
+
+# The reliability battery R1-R10 (issue 10): every case, long ones included; figures into docs/reliability.md.
+reliability: $(STAMP)
+	rm -rf runs/reliability
+	LDM_RELIABILITY=1 LDM_RELIABILITY_OUT=$(CURDIR)/runs/reliability $(BIN)/python -m pytest tests/reliability -q
+	$(BIN)/python bench/reliability_report.py --rows runs/reliability --doc docs/reliability.md
 
 bench: $(STAMP)
 	$(BIN)/python bench/cache_speed.py --threads 1 --json runs/bench-cache/cache_speed.json

@@ -157,3 +157,13 @@ def base_dir(tmp_path_factory, vae_dir):
         "data.num_validation=4", "train.batch_size=4", "train.max_steps=1", "validation.every=100",
     ]) == 0
     return run / "final"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long cases of the reliability battery run only under `make reliability` (LDM_RELIABILITY=1)."""
+    if os.environ.get("LDM_RELIABILITY") == "1":
+        return
+    skip = pytest.mark.skip(reason="a long reliability case: make reliability (LDM_RELIABILITY=1)")
+    for item in items:
+        if "reliability" in item.keywords:
+            item.add_marker(skip)
