@@ -99,6 +99,10 @@ class TrainConfig:
     # How long processes wait for each other (validation on the main process, checkpoint
     # writes) before the collective times out.
     process_group_timeout_minutes: float = 60.0
+    # With several processes, one phase of a training step (loading the batch, forward/backward,
+    # the stop-request all-reduce) lasting longer than this ends the job with a line naming the
+    # rank and the phase (ldm/train/watchdog.py), long before the process-group timeout.
+    collective_timeout_minutes: float = 10.0
     # Steps with a non-finite (NaN/inf) loss or gradient norm are skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 5
     # Settings changed on purpose when resuming (--allow-changed KEY), e.g. [train.learning_rate]:

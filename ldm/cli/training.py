@@ -1,6 +1,7 @@
 """What the two training commands share: arguments and the config they resolve to."""
 
 import argparse
+import os
 import signal
 from contextlib import contextmanager
 
@@ -55,13 +56,27 @@ def preemption_saves():
     Schedulers (SLURM, Kubernetes) announce preemption or a time limit with SIGTERM, and
     its default action kills the process at once, losing every step since the last
     checkpoint. Raising KeyboardInterrupt instead sends it down the loop's Ctrl-C path.
+
+    Once a run of several processes has stopped (its checkpoint saved), each is leaving
+    with 130, and further SIGINT / SIGTERM are ignored: a launcher (torchrun, accelerate launch) that sees
+    one rank leave sends the others SIGTERM, which would otherwise turn their exit 130 into
+    a kill by signal in the last moments of their exit. (The launcher still kills a process
+    that does not leave, after its grace period.)
     """
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
+    leaving = False
     try:
         yield
+    except KeyboardInterrupt:
+        leaving = int(os.environ.get("WORLD_SIZE", "1")) > 1  # one of several launched ranks
+        if leaving:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not leaving:
+            signal.signal(signal.SIGTERM, previous)

@@ -26,6 +26,7 @@ CHANGES = "changes.jsonl"
 HARMLESS = (
     "train.max_steps", "train.max_minutes", "train.log_every", "train.checkpoint_every",
     "train.checkpoints_total_limit", "train.output_dir", "train.process_group_timeout_minutes",
+    "train.collective_timeout_minutes",
     "train.max_nonfinite_steps", "train.allow_changed", "data.num_workers", "validation.", "scale_samples",
     "per_channel_stats",
     "train.speed.", "ema.foreach",  # speed levers: the same results (tests/test_speed.py), only faster

@@ -65,6 +65,7 @@ from ldm.train.ema import ema_weights
 from ldm.train.interrupt import stop_at_step_end
 from ldm.train.loader import batches_from
 from ldm.train.run import Reporter, rng_untouched
+from ldm.train.watchdog import watching
 
 Records = Optional[Dict[str, float]]
 
@@ -200,11 +201,14 @@ def training_loop(
     data = batches_from(accelerator, loader, state.batches)
     steps, batches = state.step, state.batches
     nonfinite = 0  # non-finite steps in a row
-    with stop_at_step_end() as stop:  # Ctrl-C / SIGTERM: stop after the step at hand (interrupt.py)
+    # Ctrl-C / SIGTERM: stop after the step at hand (interrupt.py); a rank stuck in a phase ends the job (watchdog.py)
+    with stop_at_step_end(accelerator.num_processes) as stop, watching(accelerator, train_cfg) as watch:
         try:
             while steps < train_cfg.max_steps:
+                watch.mark(f"step {steps + 1}: loading the batch")
                 batch = next(data)
                 batches += 1
+                watch.mark(f"step {steps + 1}: forward/backward")
                 with accelerator.accumulate(*trained):
                     out = step(batch, steps)
                     applied = [apply_update(accelerator, update, train_cfg.max_grad_norm) for update in out.updates]
@@ -222,13 +226,18 @@ def training_loop(
                         raise nonfinite_stop(steps + 1, nonfinite, checkpoints)
                 steps += 1
                 state = TrainState(steps, batches)  # a consistent point to checkpoint at
+                watch.mark(f"step {steps}: log, checkpoint, validation", long=True)
                 if cadence.after_step(state):
                     break
+                watch.mark(f"step {steps}: stop-request all-reduce")
                 if stop.requested(accelerator):
                     raise KeyboardInterrupt(f"stopped at step {steps} on request")
         except KeyboardInterrupt:
+            watch.mark(f"checkpoint save at step {state.step} (stopping)", long=True)
             cadence.interrupted(state)  # checkpoints the last finished step
             write_run_report(accelerator, run)
+            # Every rank leaves together: a launcher that sees one leave first sends the others SIGTERM.
+            accelerator.wait_for_everyone()
             raise
         except LdmError:
             report.close()  # the error's one line below the progress bar, not on it

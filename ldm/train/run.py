@@ -44,6 +44,8 @@ def check_train_config(cfg) -> None:
         raise LdmError(f"train.checkpoints_total_limit must be at least 1 (or null: keep all), got {cfg.checkpoints_total_limit}")
     if cfg.process_group_timeout_minutes <= 0:
         raise LdmError(f"train.process_group_timeout_minutes must be positive, got {cfg.process_group_timeout_minutes}")
+    if cfg.collective_timeout_minutes <= 0:
+        raise LdmError(f"train.collective_timeout_minutes must be positive, got {cfg.collective_timeout_minutes}")
     if cfg.max_nonfinite_steps < 1:
         raise LdmError(f"train.max_nonfinite_steps must be at least 1, got {cfg.max_nonfinite_steps}")
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
