@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,8 +50,7 @@ class Job:
     """A 2-process torchrun launch of `script`, each rank under rank_exit.py."""
 
     def __init__(self, folder: Path, script: Path, argv, env=None):
-        self.exits = folder / "exits"
-        self.exits.mkdir(parents=True)
+        self.exits = Path(tempfile.mkdtemp(prefix="exits-", dir=folder))  # one per launch: a resume launches again
         env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1",
                "PYTHONPATH": str(ROOT), **(env or {})}
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -62,7 +62,7 @@ class Job:
     def ranks(self) -> dict:
         """{rank: psutil.Process} of the training processes (the children of rank_exit.py)."""
         found = {}
-        for process in psutil.Process(self.launcher.pid).children(recursive=True):
+        for process in self.processes()[1:]:
             try:
                 if self.script in process.cmdline() and "rank_exit.py" not in " ".join(process.cmdline()):
                     found[int(process.environ()["RANK"])] = process
@@ -72,20 +72,33 @@ class Job:
 
     def wait(self, bound_s: float):
         """(seconds until every process of the job was gone or None past `bound_s`, {rank: exit status}, output)."""
-        processes = [psutil.Process(self.launcher.pid), *psutil.Process(self.launcher.pid).children(recursive=True)]
+        processes = self.processes()
         t0 = time.monotonic()
         _, alive = psutil.wait_procs(processes, timeout=bound_s)
         seconds = None if alive else time.monotonic() - t0
         for process in alive:  # past the bound: end the job so the test does not hang
-            process.kill()
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
         output, _ = self.launcher.communicate(timeout=30)
         exits = {int(p.stem[4:]): int(p.read_text()) for p in self.exits.glob("rank*.exit")}
         return seconds, exits, output
 
+    def processes(self) -> list:
+        """The launcher and every process under it, while it runs."""
+        try:
+            launcher = psutil.Process(self.launcher.pid)
+            return [launcher, *launcher.children(recursive=True)] if self.launcher.poll() is None else []
+        except psutil.NoSuchProcess:
+            return []
+
     def kill(self):
-        for process in [*psutil.Process(self.launcher.pid).children(recursive=True)]:
-            process.kill()
-        self.launcher.kill()
+        for process in self.processes()[::-1]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def logged_steps(run: Path) -> int:
