@@ -127,7 +127,8 @@ def straight(tmp_path_factory, vae_dir) -> Path:
 
 
 def sigterm(folder: Path, vae_dir: Path, target: str) -> dict:
-    """Launch, SIGTERM `target` ("rank 0", "rank 1", "every rank", "the launcher") once STOP_AFTER steps are logged."""
+    """Launch; once STOP_AFTER steps are logged, SIGTERM `target` ("rank 0", "rank 1", "every rank", "the
+    launcher"), or SIGINT to the whole job ("Ctrl-C")."""
     run = folder / "run"
     job = Job(folder, ROOT / "train_unet.py", arguments(run, vae_dir))
     try:
@@ -136,8 +137,10 @@ def sigterm(folder: Path, vae_dir: Path, target: str) -> dict:
             time.sleep(0.1)
         ranks = job.ranks()
         assert sorted(ranks) == [0, 1] and job.launcher.poll() is None, job.launcher.communicate()[0][-5000:]
+        if target == "Ctrl-C":  # SIGINT to the whole job, as a terminal sends it: each rank gets it twice or more
+            os.killpg(job.launcher.pid, signal.SIGINT)  # the launcher leads its own process group
         targets = {"rank 0": [ranks[0]], "rank 1": [ranks[1]], "every rank": list(ranks.values()),
-                   "the launcher": [psutil.Process(job.launcher.pid)]}[target]
+                   "the launcher": [psutil.Process(job.launcher.pid)], "Ctrl-C": []}[target]
         for process in targets:
             process.send_signal(signal.SIGTERM)
         seconds, exits, output = job.wait(BOUND_S)
@@ -177,8 +180,10 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_with_one_checkpoint(tmp_path
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize("target", ["rank 0", "rank 1", "every rank", "the launcher"])
+@pytest.mark.parametrize("target", ["rank 0", "rank 1", "every rank", "the launcher", "Ctrl-C"])
 def test_sigterm_stops_saves_and_resumes_identically(tmp_path, vae_dir, straight, record, target):
+    """SIGTERM to `target`; "Ctrl-C": SIGINT to the job's process group (the launcher forwards it to the ranks
+    too, so each rank sees a second signal while it stops)."""
     out = sigterm(tmp_path, vae_dir, target)
     clean = stopped_cleanly(out)
     identical = False
@@ -187,7 +192,8 @@ def test_sigterm_stops_saves_and_resumes_identically(tmp_path, vae_dir, straight
         identical = same_files(resumed, straight)
     held = clean and identical
     note = ", resume identical" if identical else (", resume NOT identical" if clean else "")
-    assert record("R9", f"SIGTERM to {target}", held, detail=detail(out, note)), out["output"][-5000:]
+    case = "Ctrl-C (SIGINT to the job's process group)" if target == "Ctrl-C" else f"SIGTERM to {target}"
+    assert record("R9", case, held, detail=detail(out, note)), out["output"][-5000:]
 
 
 def test_a_stalled_rank_ends_the_job_naming_the_rank_and_phase(tmp_path, vae_dir, record):
@@ -210,3 +216,47 @@ def test_a_stalled_rank_ends_the_job_naming_the_rank_and_phase(tmp_path, vae_dir
     assert record("R9", "rank 1 stalled in step 3 (watchdog, 6 s)", held,
                   detail=f"exit codes {exits}, {took}, '{line.group(0) if line else 'no watchdog line'}'"), output[-5000:]
     assert "Thread" in output and "stalling_rank.py" in output  # faulthandler's stacks name where it stalled
+
+
+def test_a_second_signal_repeats_the_stop_with_several_processes():
+    """One process: a second signal interrupts at once (test_loop.py). Several: it only repeats the request,
+    since a rank leaving the step at hand would leave the others in a collective."""
+    from ldm.train.interrupt import StopRequest
+
+    several = StopRequest(num_processes=2)
+    several(signal.SIGTERM, None)
+    several(signal.SIGINT, None)  # the launcher forwarding a terminal's Ctrl-C, or tearing down the job
+    several(signal.SIGTERM, None)
+    assert several.signum == signal.SIGTERM  # the first request, still pending for the step's end
+    one = StopRequest(num_processes=1)
+    one(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        one(signal.SIGINT, None)
+
+
+def test_the_watchdog_names_the_rank_the_phase_and_its_allowance():
+    from ldm.train.watchdog import Watchdog
+
+    dog = Watchdog(rank=1, step_minutes=0.5, long_minutes=60)
+    assert dog.overdue(time.monotonic()) is None  # nothing marked yet
+    dog.mark("step 7: stop-request all-reduce")
+    start = dog.phase[1]
+    assert dog.overdue(start + 29.9) is None
+    line = dog.overdue(start + 31.0)
+    assert line.startswith("watchdog: rank 1 has spent 31.0 s in 'step 7: stop-request all-reduce' (allowed 30.0 s, "
+                           "train.collective_timeout_minutes=0.5)")
+    dog.mark("checkpoint save at step 7 (stopping)", long=True)  # cadence work: the process group's allowance
+    start = dog.phase[1]
+    assert dog.overdue(start + 31.0) is None and dog.overdue(start + 3599.0) is None
+    assert "train.process_group_timeout_minutes=60" in dog.overdue(start + 3601.0)
+    dog.stop()
+    assert dog.overdue(start + 1e6) is None
+
+
+def test_a_bad_collective_timeout_is_refused():
+    from ldm.config import TrainConfig
+    from ldm.errors import LdmError
+    from ldm.train.run import check_train_config
+
+    with pytest.raises(LdmError, match="train.collective_timeout_minutes must be positive, got 0"):
+        check_train_config(TrainConfig(collective_timeout_minutes=0))
