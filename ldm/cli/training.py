@@ -57,11 +57,11 @@ def preemption_saves():
     its default action kills the process at once, losing every step since the last
     checkpoint. Raising KeyboardInterrupt instead sends it down the loop's Ctrl-C path.
 
-    Once a run of several processes has stopped (its checkpoint saved), each is leaving
-    with 130, and further SIGINT / SIGTERM are ignored: a launcher (torchrun, accelerate launch) that sees
-    one rank leave sends the others SIGTERM, which would otherwise turn their exit 130 into
-    a kill by signal in the last moments of their exit. (The launcher still kills a process
-    that does not leave, after its grace period.)
+    Once a run of several processes has stopped (its checkpoint saved), each rank is
+    leaving with 130, and further SIGINT / SIGTERM are ignored: a launcher (torchrun,
+    accelerate launch) that sees one rank leave sends the others SIGTERM, which would
+    otherwise turn their exit 130 into a kill by signal in the last moments of their exit.
+    (The launcher still kills a rank that does not leave, after its 30 s grace.)
     """
 
     def interrupt(signum, frame):

@@ -4,7 +4,8 @@
 setup, their step, validation and final save, handed to loop.py's `training_loop`, which
 owns accumulation, clipping, optimizer and LR steps, EMA, cadence, interrupts and resume.
 run.py (run folder, metrics, progress), checkpoint.py (save / resume), loader.py (data
-order that a resume can rebuild), cadence.py, interrupt.py, ema.py and optim.py hold its parts.
+order that a resume can rebuild), cadence.py, interrupt.py, watchdog.py, ema.py and optim.py
+hold its parts.
 """
 
 
