@@ -3,10 +3,12 @@
 Stage 2 (train_unet.py, tiny models) in 2 CPU processes over gloo under torchrun, as
 tests/test_multiprocess.py launches it; each rank runs under rank_exit.py, which writes
 down its exit status. Once the run has logged STOP_AFTER steps, SIGTERM goes to rank 0,
-rank 1, both, or the torchrun parent. Held: both ranks gone within BOUND_S, each with exit
-130 (interrupted, resumable; not killed by a signal), exactly one checkpoint, at the step
-the run stopped at (the last one logged), and `--resume auto` to MAX_STEPS ends with the
-weights and EMA of an uninterrupted run to MAX_STEPS, bit for bit.
+rank 1, both, or the torchrun parent (or SIGINT to the whole job, as Ctrl-C). Held: both
+ranks gone within BOUND_S, each with exit 130 (interrupted, resumable; not killed by a
+signal), exactly one checkpoint, at the step the run stopped at (the last one logged), and
+`--resume auto` to MAX_STEPS ends with the weights and EMA of an uninterrupted run to
+MAX_STEPS, bit for bit. The resumes and the uninterrupted run share one launch
+(train_runs.py): each launch costs ~15 s of imports on 2 cores.
 
 The watchdog case: rank 1 stalls before its backward pass of step 3, and rank 0 waits
 for it in DDP's all-reduce. With train.collective_timeout_minutes=0.1 the job ends within
@@ -111,24 +113,38 @@ def checkpoints(run: Path) -> list:
     return sorted(p.name for p in (run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
 
 
-def train(folder: Path, vae_dir: Path, *extra) -> Path:
-    """An uninterrupted (or resumed, with extra "--resume auto") launch to MAX_STEPS; the run folder."""
-    run = folder / "run"
-    job = Job(folder, ROOT / "train_unet.py", arguments(run, vae_dir, *extra))
-    seconds, exits, output = job.wait(300)
+TARGETS = ("rank 0", "rank 1", "every rank", "the launcher", "Ctrl-C")
+
+
+def train_in_one_launch(folder: Path, runs) -> None:
+    """Each argument list of `runs` through train_unet.py's main, in turn, in one 2-process launch (train_runs.py)."""
+    listing = folder / "runs.json"
+    listing.write_text(json.dumps(runs))
+    job = Job(folder, HERE / "train_runs.py", [listing])
+    seconds, exits, output = job.wait(600)
     assert exits == {0: 0, 1: 0}, output[-5000:]
-    return run
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, vae_dir) -> Path:
-    """The uninterrupted run's last checkpoint."""
-    return train(tmp_path_factory.mktemp("straight"), vae_dir) / f"checkpoints/step-{MAX_STEPS:06d}"
+def stopped_and_resumed(tmp_path_factory, vae_dir) -> dict:
+    """{target: what `sigterm` saw, with "identical"}: each target's run stopped, then, in one launch, an
+    uninterrupted run to MAX_STEPS and every cleanly stopped run resumed to MAX_STEPS."""
+    root = tmp_path_factory.mktemp("r9")
+    cases = {target: sigterm(root / f"case{i}", vae_dir, target) for i, target in enumerate(TARGETS)}
+    straight = root / "straight"
+    resumed = {target: out["run"] for target, out in cases.items() if stopped_cleanly(out)}
+    train_in_one_launch(root, [arguments(straight, vae_dir)]
+                        + [[*arguments(run, vae_dir), "--resume", "auto"] for run in resumed.values()])
+    last = f"checkpoints/step-{MAX_STEPS:06d}"
+    for target, out in cases.items():
+        out["identical"] = target in resumed and same_files(resumed[target] / last, straight / last)
+    return cases
 
 
 def sigterm(folder: Path, vae_dir: Path, target: str) -> dict:
     """Launch; once STOP_AFTER steps are logged, SIGTERM `target` ("rank 0", "rank 1", "every rank", "the
     launcher"), or SIGINT to the whole job ("Ctrl-C")."""
+    folder.mkdir(parents=True, exist_ok=True)
     run = folder / "run"
     job = Job(folder, ROOT / "train_unet.py", arguments(run, vae_dir))
     try:
@@ -180,20 +196,15 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_with_one_checkpoint(tmp_path
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize("target", ["rank 0", "rank 1", "every rank", "the launcher", "Ctrl-C"])
-def test_sigterm_stops_saves_and_resumes_identically(tmp_path, vae_dir, straight, record, target):
+@pytest.mark.parametrize("target", TARGETS)
+def test_sigterm_stops_saves_and_resumes_identically(stopped_and_resumed, record, target):
     """SIGTERM to `target`; "Ctrl-C": SIGINT to the job's process group (the launcher forwards it to the ranks
-    too, so each rank sees a second signal while it stops)."""
-    out = sigterm(tmp_path, vae_dir, target)
-    clean = stopped_cleanly(out)
-    identical = False
-    if clean:
-        resumed = train(tmp_path, vae_dir, "--resume", "auto") / f"checkpoints/step-{MAX_STEPS:06d}"
-        identical = same_files(resumed, straight)
-    held = clean and identical
+    too, so each rank sees a second signal while it stops). The runs are made once for all targets (the fixture)."""
+    out = stopped_and_resumed[target]
+    clean, identical = stopped_cleanly(out), out["identical"]
     note = ", resume identical" if identical else (", resume NOT identical" if clean else "")
     case = "Ctrl-C (SIGINT to the job's process group)" if target == "Ctrl-C" else f"SIGTERM to {target}"
-    assert record("R9", case, held, detail=detail(out, note)), out["output"][-5000:]
+    assert record("R9", case, clean and identical, detail=detail(out, note)), out["output"][-5000:]
 
 
 def test_a_stalled_rank_ends_the_job_naming_the_rank_and_phase(tmp_path, vae_dir, record):
