@@ -80,10 +80,12 @@ class Watchdog:
         while not self.done.wait(self.poll_s):
             line = self.overdue(time.monotonic())
             if line is not None:
-                print(line, file=sys.stderr, flush=True)
-                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-                sys.stderr.flush()
-                os._exit(EXIT_STATUS)
+                try:
+                    print(line, file=sys.stderr, flush=True)
+                    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)  # needs a real file descriptor
+                    sys.stderr.flush()
+                finally:
+                    os._exit(EXIT_STATUS)  # whatever happened to the report, the process must end
 
 
 class NoWatchdog:
