@@ -22,6 +22,8 @@ from torchvision.utils import save_image
 
 from ldm.autoencoder import build_vae, downsampling_factor, measure_latent_stats
 from ldm.data import build_dataset
+from ldm.data.bucket_batches import BucketBatchSampler
+from ldm.data.buckets import with_bucket_step
 from ldm.discriminator import NLayerDiscriminator, logit_map_size
 from ldm.errors import LdmError
 from ldm.finite import check_finite_number
@@ -29,7 +31,7 @@ from ldm.image_metrics import SSIM_WINDOW, mean_absolute_error, psnr, ssim
 from ldm.lpips import LPIPS
 from ldm.train.checkpoint import find_checkpoint
 from ldm.train.ema import build_ema
-from ldm.train.loader import EpochShuffle, train_loader
+from ldm.train.loader import EpochShuffle, item_buckets, train_loader
 from ldm.train.loop import Step, Update, training_loop
 from ldm.train.optim import build_lr_scheduler, build_optimizer
 from ldm.train.run import Run, check_train_config, make_accelerator, replace_folder, staging_folder
@@ -73,7 +75,9 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
     checkpoint = find_checkpoint(run.checkpoints, resume)
     if checkpoint is not None:
         check_checkpoint_parts(checkpoint, cfg.loss.discriminator_start is not None, cfg.ema.enabled)
-    train_set = build_dataset(cfg.data, "train")
+    # data.buckets: bucket sides are multiples of the VAE's factor (or of the step set, checked against it).
+    data = with_bucket_step(cfg.data, downsampling_factor(cfg.model.block_out_channels), "the VAE's downsampling factor")
+    train_set = build_dataset(data, "train")
     val_set = build_dataset(cfg.data, "validation") if cfg.data.num_validation > 0 else None
     accelerator = make_accelerator(cfg.train, run)
     loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator.num_processes)
@@ -225,8 +229,12 @@ def grad_scale(accelerator) -> float:
 
 
 def scale_batches(dataset, batch_size: int, seed: int):
-    """Image batches in a seeded random order, for measuring latent statistics."""
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed))
+    """Image batches in a seeded random order, for measuring latent statistics (of one bucket each, with buckets)."""
+    buckets = item_buckets(dataset)
+    if buckets is not None:
+        loader = DataLoader(dataset, batch_sampler=BucketBatchSampler(buckets, batch_size, seed))
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed))
     return (batch["pixel_values"] for batch in loader)
 
 
