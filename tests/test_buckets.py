@@ -1,0 +1,308 @@
+"""Aspect-ratio bucketing: the bucket list, assignment, the crop record, one-bucket batches with every
+image once an epoch (1 and 2 processes, folders and shards), exact resume, ldm-cache, both stages."""
+
+import io
+import json
+import math
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from ldm.config import DataConfig
+from ldm.data import build_dataset
+from ldm.data.bucket_batches import (BucketBatchSampler, epoch_batches, split_to_multiple, stream_batches,
+                                     stream_batches_per_epoch)
+from ldm.data.buckets import BucketTransform, bucket_list, nearest_bucket, with_bucket_step
+from ldm.data.webdataset import ShardStream, expand_shards
+from ldm.errors import LdmError
+from ldm.train.loader import EpochShuffle, item_buckets
+
+# Width x height of the mixed folder's images: 1:1, 4:3, 3:4, 16:9.
+SIZES = {"square": (40, 40), "landscape": (48, 36), "portrait": (36, 48), "wide": (64, 36)}
+# Their buckets at resolution 32, step 4 (the tiny VAE's factor 2 times the tiny U-Net's 2), as (width, height).
+BUCKETS = {"square": (32, 32), "landscape": (36, 28), "portrait": (28, 36), "wide": (44, 24)}
+PER_RATIO = 5
+
+
+def picture(size, seed: int) -> Image.Image:
+    """A smooth random picture (a coarse noise field upsampled), so a crop of it is not flat."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    return coarse.resize(size, Image.BICUBIC)
+
+
+def mixed_folder(folder, per_ratio=PER_RATIO):
+    """per_ratio PNGs of each aspect ratio, named so that the sorted order mixes the ratios; captions = names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(per_ratio):
+        for k, (name, size) in enumerate(SIZES.items()):
+            stem = f"{i:02d}-{name}"
+            picture(size, 10 * i + k).save(folder / f"{stem}.png")
+            (folder / f"{stem}.txt").write_text(stem)
+    return folder
+
+
+def bucketed(path, **kw) -> DataConfig:
+    cfg = DataConfig(source="folder", path=str(path), resolution=32, num_validation=kw.pop("num_validation", 0), **kw)
+    cfg.buckets.enabled = True
+    return with_bucket_step(cfg, 4, "the factor")
+
+
+# ---------------------------------------------------------------- the buckets
+
+
+@pytest.mark.parametrize("resolution, step, tolerance", [(1024, 64, 0.04), (512, 64, 0.07), (256, 32, 0.07)])
+def test_bucket_list(resolution, step, tolerance):
+    buckets = bucket_list(resolution, step, max_aspect=2.0)
+    assert (resolution, resolution) in buckets
+    for width, height in buckets:
+        assert width % step == 0 and height % step == 0
+        assert abs(width * height / resolution**2 - 1) <= tolerance  # about the same pixel count
+        assert 1 / 2 <= width / height <= 2
+        assert (height, width) in buckets  # portrait and landscape alike
+    aspects = [w / h for w, h in buckets]
+    assert aspects == sorted(aspects) and len(set(buckets)) == len(buckets)
+    # The widest and tallest reach towards the limit: the next width's bucket would pass 2:1.
+    width, height = buckets[-1]
+    assert aspects[-1] > 1.75 and aspects[0] == pytest.approx(1 / aspects[-1])
+    assert (width + step) / (round(resolution**2 / (width + step) / step) * step) > 2
+    assert bucket_list(resolution, step, max_aspect=1.0) == [(resolution, resolution)]
+
+
+def test_sdxl_like_assignment():
+    """At 1024 with a step of 64 the common photo ratios go where SDXL's own buckets put them."""
+    buckets = bucket_list(1024, 64, 2.0)
+    for size, expected in [((4000, 3000), (1152, 896)), ((3000, 4000), (896, 1152)), ((1920, 1080), (1344, 768)),
+                           ((1080, 1920), (768, 1344)), ((500, 500), (1024, 1024)), ((5000, 1000), (1408, 768))]:
+        assert buckets[nearest_bucket(size, buckets)] == expected, size
+
+
+def test_mixed_ratios_go_to_their_buckets():
+    buckets = bucket_list(32, 4, 2.0)
+    assert buckets == [(24, 44), (24, 40), (28, 36), (32, 32), (36, 28), (40, 24), (44, 24)]
+    for name, size in SIZES.items():
+        assert buckets[nearest_bucket(size, buckets)] == BUCKETS[name], name
+
+
+def test_bad_bucket_settings_are_one_line_errors():
+    cfg = DataConfig(resolution=32)
+    cfg.buckets.enabled = True
+    cfg.buckets.step = 6
+    with pytest.raises(LdmError, match=r"data.buckets.step=6 is not a multiple of the U-Net factor 4"):
+        with_bucket_step(cfg, 4, "the U-Net factor")
+    cfg.buckets.step = 12
+    with pytest.raises(LdmError, match=r"data.resolution=32 is not a multiple of data.buckets.step=12"):
+        with_bucket_step(cfg, 4, "the U-Net factor")
+    cfg.buckets.step, cfg.buckets.max_aspect = None, 0.5
+    with pytest.raises(LdmError, match="max_aspect must be at least 1"):
+        with_bucket_step(cfg, 4, "the U-Net factor")
+    cfg.buckets.max_aspect = 2.0
+    assert with_bucket_step(cfg, 4, "x").buckets.step == 4 and cfg.buckets.step is None  # resolved in a copy
+    shapes = with_bucket_step(cfg, 4, "x")
+    with pytest.raises(LdmError, match="shapes images are square"):
+        build_dataset(shapes, "train")
+
+
+def test_transform_covers_the_bucket_and_records_the_crop():
+    """Resized to cover the bucket, cropped to it: the pixels are the recorded box of PIL's resize."""
+    image = picture((64, 36), 3)
+    buckets = bucket_list(32, 4, 2.0)
+    for center in (True, False):
+        torch.manual_seed(1)
+        item = BucketTransform(buckets, center_crop=center)(image)
+        assert item["pixel_values"].shape == (3, 24, 44) and item["pixel_values"].dtype == torch.float32
+        assert item["original_size"].tolist() == [36, 64] and item["target_size"].tolist() == [24, 44]
+        # scale max(44 / 64, 24 / 36) = 0.6875 -> 44 x 24.75, rounded to 44 x 25: one row to crop.
+        top, left = item["crop_top_left"].tolist()
+        assert left == 0 and top in (0, 1)
+        if center:
+            assert top == 0  # round(0.5) = 0, as torchvision's CenterCrop
+        resized = np.asarray(image.resize((44, 25), Image.BILINEAR), dtype=np.float32)
+        expected = torch.from_numpy(resized[top:top + 24, left:left + 44]).permute(2, 0, 1) / 127.5 - 1
+        torch.testing.assert_close(item["pixel_values"], expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- one-bucket batches, every image once
+
+
+def check_epoch(batches, buckets, n):
+    """Every batch of one bucket; together every item exactly once."""
+    for batch in batches:
+        assert len({buckets[i] for i in batch}) == 1
+    seen = Counter(i for batch in batches for i in batch)
+    assert sorted(seen) == list(range(n)) and set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_image_once_an_epoch_in_one_bucket_batches(batch_size, world):
+    rng = np.random.default_rng(0)
+    buckets = rng.choice(5, size=41, p=[0.5, 0.2, 0.2, 0.05, 0.05]).tolist()
+    samplers = [BucketBatchSampler(buckets, batch_size, seed=7, rank=r, world=world) for r in range(world)]
+    assert len({len(s) for s in samplers}) == 1  # every process takes the same number of steps
+    orders = []
+    for epoch in range(3):
+        parts = []
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+            parts.append(list(sampler))
+            assert len(parts[-1]) == len(sampler)
+        batches = [batch for part in parts for batch in part]
+        if batch_size == 1 and 41 % world:  # single images cannot be split: the few left over wait an epoch
+            assert len(batches) == 41 - 41 % world
+            continue
+        check_epoch(batches, buckets, 41)
+        assert all(len(b) <= batch_size for b in batches)
+        orders.append(batches)
+    if orders:
+        assert orders[0] != orders[1]  # each epoch its own order
+
+
+def test_remainders_are_kept_and_split_for_processes():
+    # Buckets of 5, 3 and 1 items, batches of 2: 3 + 2 + 1 = 6 batches, the last of each bucket partial.
+    buckets = [0] * 5 + [1] * 3 + [2]
+    assert sorted(len(b) for b in epoch_batches(buckets, 2, seed=0, epoch=0)) == [1, 1, 1, 2, 2, 2]
+    assert epoch_batches(buckets, 2, seed=0, epoch=0, world=2) == epoch_batches(buckets, 2, seed=0, epoch=0)
+    # 6 batches over 4 processes: the two largest (first) ones are split, making 8.
+    assert sorted(len(b) for b in epoch_batches(buckets, 2, seed=0, epoch=0, world=4)) == [1] * 7 + [2]
+    assert split_to_multiple([[1, 2, 3], [4], [5, 6, 7]], 2) == [[1, 2], [3], [4], [5, 6, 7]]
+
+
+def test_one_bucket_is_epoch_shuffle():
+    """Square images only: the batches are EpochShuffle's, plus the last partial one it drops."""
+    for epoch in range(2):
+        order = list(iter(_epoch_shuffle(22, seed=5, epoch=epoch)))
+        expected = [order[i:i + 4] for i in range(0, 22, 4)]
+        assert epoch_batches([0] * 22, 4, seed=5, epoch=epoch) == expected
+
+
+def _epoch_shuffle(n, seed, epoch):
+    sampler = EpochShuffle(n, seed)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+def test_sampler_resumes_where_it_stopped():
+    buckets = [i % 3 for i in range(30)]
+    full = BucketBatchSampler(buckets, 4, seed=1, rank=1, world=2)
+    full.set_position(2)
+    resumed = BucketBatchSampler(buckets, 4, seed=1, rank=1, world=2)
+    resumed.set_position(2, skip=3)
+    assert list(resumed) == list(full)[3:]
+
+
+def test_stream_grouping_makes_a_fixed_number_of_batches():
+    """Any spread over the buckets: exactly stream_batches_per_epoch batches, every item once, one bucket each."""
+    rng = np.random.default_rng(1)
+    spreads = [[0] * 23, [0, 1, 2, 3] * 6, rng.integers(0, 6, 29).tolist(), [b for b in range(6) for _ in range(5)]]
+    for batch_size in (1, 2, 4, 5):
+        for buckets in spreads:
+            n = len(buckets) - 2  # the stream goes on past the epoch's end
+            batches = list(stream_batches(zip(buckets, range(len(buckets))), batch_size, 6, n))
+            assert len(batches) == stream_batches_per_epoch(n, batch_size, 6)
+            assert all(0 < len(b) <= batch_size for b in batches)
+            check_epoch(batches, buckets, n)
+
+
+# ---------------------------------------------------------------- a mixed folder
+
+
+def test_mixed_folder_items_and_loader(tmp_path):
+    folder = mixed_folder(tmp_path / "data")
+    train = build_dataset(bucketed(folder, num_validation=4, random_flip=True), "train")
+    buckets = item_buckets(train)
+    assert len(train) == len(buckets) == 16
+    names = [train.dataset.samples[i][0].stem.split("-")[1] for i in train.indices]
+    all_buckets = bucket_list(32, 4, 2.0)
+    assert [all_buckets[b] for b in buckets] == [BUCKETS[name] for name in names]
+    item = train[0]
+    width, height = BUCKETS[names[0]]
+    assert item["pixel_values"].shape == (3, height, width)
+    assert item["original_size"].tolist() == list(reversed(SIZES[names[0]])) and item["caption"] == train.dataset.samples[4][0].stem
+    # The validation split stays square, unbucketed.
+    val = build_dataset(bucketed(folder, num_validation=4), "validation")
+    assert item_buckets(val) is None and {tuple(val[i]["pixel_values"].shape) for i in range(4)} == {(3, 32, 32)}
+
+    # Through the loader: each batch one shape, every image once an epoch.
+    from ldm.train.loader import BucketLoader, train_loader
+
+    loader = train_loader(train, batch_size=3, num_workers=0, seed=0)
+    assert isinstance(loader, BucketLoader)
+    for epoch in range(2):
+        loader.set_position(epoch)
+        captions = []
+        for batch in loader:
+            assert len({tuple(s) for s in batch["target_size"].tolist()}) == 1
+            assert batch["pixel_values"].shape[2:] == tuple(batch["target_size"][0].tolist())
+            captions += batch["caption"]
+        assert sorted(captions) == sorted(train.dataset.samples[i][0].stem for i in train.indices)
+        assert len(captions) == 16
+
+
+def test_unreadable_image_is_replaced_within_its_bucket(tmp_path):
+    folder = mixed_folder(tmp_path / "data", per_ratio=2)
+    (folder / "01-wide.png").write_bytes(b"not a png")
+    dataset = build_dataset(bucketed(folder), "train").dataset
+    bad = [p.name for p, _ in dataset.samples].index("01-wide.png")
+    assert dataset.num_skipped == 1  # its header did not read
+    item = dataset[bad]
+    assert item["caption"] != "01-wide" and item["pixel_values"].shape[1:] == (
+        BUCKETS["square"][1], BUCKETS["square"][0])  # a header-less file counts as square; a square stands in
+
+
+# ---------------------------------------------------------------- shards
+
+
+def write_mixed_shards(folder, num_shards=2, per_shard=8):
+    """Sample i: a picture of ratio i % 4, caption "img i"."""
+    ratios = list(SIZES.values())
+    for s in range(num_shards):
+        with wds.TarWriter(str(folder / f"shard-{s}.tar")) as sink:
+            for j in range(per_shard):
+                i = s * per_shard + j
+                out = io.BytesIO()
+                picture(ratios[i % 4], i).save(out, format="PNG")
+                sink.write({"__key__": f"{i:04d}", "png": out.getvalue(), "txt": f"img {i}".encode()})
+    return str(folder / ("shard-{0..%d}.tar" % (num_shards - 1)))
+
+
+def shard_stream(pattern, num_samples, rank=0, world=1, batch_size=3):
+    transform = BucketTransform(bucket_list(32, 4, 2.0))
+    return ShardStream(expand_shards(pattern), num_samples, transform, seed=3, rank=rank, world=world,
+                       batch_size=batch_size, shuffle_buffer=4)
+
+
+def test_shards_in_one_bucket_batches_every_sample_once(tmp_path):
+    pattern = write_mixed_shards(tmp_path, num_shards=2, per_shard=8)
+    streams = [shard_stream(pattern, 16, rank=r, world=2) for r in range(2)]
+    assert streams[0].batches_per_epoch == streams[1].batches_per_epoch == stream_batches_per_epoch(8, 3, 7)
+    for epoch in range(2):
+        captions = []
+        for stream in streams:
+            stream.set_position(epoch)
+            batches = list(stream)
+            assert len(batches) == stream.batches_per_epoch
+            for batch in batches:
+                assert len({tuple(s) for s in batch["target_size"].tolist()}) == 1
+                assert batch["pixel_values"].shape[2:] == tuple(batch["target_size"][0].tolist())
+                captions += batch["caption"]
+        assert sorted(captions) == sorted(f"img {i}" for i in range(16))
+    # A resume skips whole batches (their samples' headers are read again, not decoded) and goes on the same.
+    stream = shard_stream(pattern, 16, rank=1, world=2)
+    stream.set_position(1)
+    straight = list(stream)
+    stream.set_position(1, skip=2)
+    for a, b in zip(straight[2:], list(stream), strict=True):
+        assert a["caption"] == b["caption"] and torch.equal(a["pixel_values"], b["pixel_values"])
+    # DataLoader workers split the stream by whole batches: the same batches with 2 workers.
+    stream.set_position(1)
+    with_workers = list(DataLoader(stream, batch_size=None, num_workers=2))
+    assert [b["caption"] for b in with_workers] == [b["caption"] for b in straight]
