@@ -306,3 +306,172 @@ def test_shards_in_one_bucket_batches_every_sample_once(tmp_path):
     stream.set_position(1)
     with_workers = list(DataLoader(stream, batch_size=None, num_workers=2))
     assert [b["caption"] for b in with_workers] == [b["caption"] for b in straight]
+
+
+# ---------------------------------------------------------------- training on a mixed folder, both stages
+
+
+def folder_data(folder, *extra):
+    """A mixed folder at resolution 32: 20 images, the first 4 held out, 16 trained in buckets of 4 (3 + 1 a batch)."""
+    return [f"data.source=folder", f"data.path={folder}", "data.resolution=32", "data.num_validation=4",
+            "data.buckets.enabled=true", "train.batch_size=3", *extra]
+
+
+@pytest.fixture
+def seen_batches(monkeypatch):
+    """The batches the training loop takes, in order (captions and pixel shape of each)."""
+    import ldm.train.loop as loop
+
+    seen, batches_from = [], loop.batches_from
+
+    def recording(*args):
+        for batch in batches_from(*args):
+            pixels = batch["pixel_values"] if "pixel_values" in batch else batch["mean"]  # images, or cached latents
+            seen.append((list(batch["caption"]), tuple(pixels.shape[2:])))
+            yield batch
+
+    monkeypatch.setattr(loop, "batches_from", recording)
+    return seen
+
+
+def check_trained_batches(seen, num_batches=8):
+    """Every batch one bucket's shape; the first epoch (8 batches) holds each of the 16 training images once."""
+    trained = sorted(f"{i:02d}-{name}" for i in range(1, PER_RATIO) for name in SIZES)
+    epoch = [caption for captions, _ in seen[:num_batches] for caption in captions]
+    assert sorted(epoch) == trained
+    buckets = {name: (h, w) for name, (w, h) in BUCKETS.items()}
+    for captions, shape in seen:
+        assert {buckets[c.split("-")[1]] for c in captions} == {shape}
+    assert {shape for _, shape in seen} == set(buckets.values())  # all four shapes trained
+
+
+def test_stage_1_trains_on_mixed_ratios_and_resumes_bit_identically(tmp_path, seen_batches):
+    from ldm.cli.train_vae import main
+    from test_train_vae import tiny
+
+    folder = mixed_folder(tmp_path / "data")
+    run = tmp_path / "vae"
+    # 8 batches an epoch, 2 per step: step 3 stops mid-epoch, step 6 is in the next epoch. The VAE's factor is 2:
+    # a step of 4 gives the buckets stage 2 has.
+    common = ["train.max_steps=6", "train.gradient_accumulation_steps=2", "train.checkpoints_total_limit=null",
+              "data.random_flip=true", "data.center_crop=false", "data.buckets.step=4", *folder_data(folder)]
+    assert main(tiny(run, *common, "train.checkpoint_every=3")) == 0
+    check_trained_batches(seen_batches)
+    straight = load_file(str(run / "final/diffusion_pytorch_model.safetensors"))
+    first = list(seen_batches)
+
+    shutil.rmtree(run / "checkpoints/step-000006")
+    shutil.rmtree(run / "final")
+    seen_batches.clear()
+    assert main(tiny(run, *common, "train.checkpoint_every=1", "--resume", "auto")) == 0
+    assert seen_batches == first[6:]  # the resumed run takes exactly the remaining batches
+    resumed = load_file(str(run / "final/diffusion_pytorch_model.safetensors"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    config = json.loads((run / "final/config.json").read_text())
+    assert math.isfinite(config["scaling_factor"])  # measured on bucketed batches
+
+
+def test_stage_2_trains_on_mixed_ratios_and_resumes_bit_identically(tmp_path, vae_dir, seen_batches):
+    from ldm.cli.train_unet import main
+    from test_train_unet import tiny
+
+    folder = mixed_folder(tmp_path / "data")
+    run = tmp_path / "unet"
+    common = ["train.max_steps=6", "train.gradient_accumulation_steps=2", "train.checkpoints_total_limit=null",
+              "validation.every=100", *folder_data(folder)]
+    assert main(tiny(run, vae_dir, *common, "train.checkpoint_every=3")) == 0
+    check_trained_batches(seen_batches)
+    straight = load_file(str(run / "final/unet/diffusion_pytorch_model.safetensors"))
+    first = list(seen_batches)
+
+    shutil.rmtree(run / "checkpoints/step-000006")
+    shutil.rmtree(run / "final")
+    seen_batches.clear()
+    assert main(tiny(run, vae_dir, *common, "train.checkpoint_every=1", "--resume", "auto")) == 0
+    assert seen_batches == first[6:]
+    resumed = load_file(str(run / "final/unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # The resolved step is part of the run's config (a resume with another step would change the buckets).
+    assert "step: 4" in (run / "config.yaml").read_text()
+
+
+def test_ldm_cache_keeps_the_buckets(tmp_path, vae_dir, seen_batches):
+    from ldm.cli.cache import main as cache_main
+    from ldm.cli.train_unet import main
+    from ldm.data.cached import CachedLatents
+    from test_train_unet import tiny
+
+    folder = mixed_folder(tmp_path / "data")
+    out = tmp_path / "cache"
+    assert cache_main(tiny(tmp_path / "unused", vae_dir, *folder_data(folder), "data.random_flip=true") + ["--out", str(out)]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["config"]["data"]["buckets"] == {"max_aspect": 2.0, "step": 4} and index["num_samples"] == 16
+    with safe_open(str(out / index["shards"][0]["file"]), "pt") as shard:
+        keys, metadata = set(shard.keys()), shard.metadata()
+        means = {name: shard.get_tensor(f"mean.{name}") for name in ("32x32", "28x36", "36x28", "24x44")}
+    # Latents of each bucket (factor 2: half its pixels a side), stored per bucket, 4 entries each.
+    assert {k for k in keys if k.startswith("mean.")} == {f"mean.{n}" for n in means}
+    assert {tuple(m.shape) for m in means.values()} == {(4, 4, 16, 16), (4, 4, 14, 18), (4, 4, 18, 14), (4, 4, 12, 22)}
+    assert "std_flip.24x44" in keys and "context.24x44" in keys
+    rows, records, captions = (json.loads(metadata[k]) for k in ("rows", "records", "captions"))
+    dataset = build_dataset(bucketed(folder, num_validation=4), "train")
+    for i, (name, row) in enumerate(rows):
+        item = dataset[i]
+        assert captions[i] == item["caption"] and name == "x".join(map(str, item["target_size"].tolist()))
+        assert records[i] == {"original_size": item["original_size"].tolist(), "crop_top_left": item["crop_top_left"].tolist()}
+    # The cached data set gives each entry of its bucket, with its record, and batches by bucket.
+    cached = CachedLatents(out, index, flips=True, context=True)
+    assert item_buckets(cached) is not None and len(set(item_buckets(cached))) == 4
+    entry = cached[5]
+    name, row = rows[5]
+    assert torch.equal(entry["mean"], means[name][row]) and entry["caption"] == captions[5]
+    assert entry["original_size"].tolist() == records[5]["original_size"]
+
+    run = tmp_path / "cached"
+    assert main(tiny(run, vae_dir, *folder_data(folder), f"data.cache={out}", "train.max_steps=4", "validation.every=100")) == 0
+    assert len(seen_batches) == 4
+    for captions, shape in seen_batches:  # latents of one bucket a batch
+        assert {BUCKETS[c.split("-")[1]] for c in captions} == {(shape[1] * 2, shape[0] * 2)}
+
+
+def test_a_cache_without_buckets_does_not_serve_a_bucketed_run(tmp_path, vae_dir, capsys):
+    from ldm.cli.cache import main as cache_main
+    from ldm.cli.train_unet import main
+    from test_train_unet import tiny
+
+    folder = mixed_folder(tmp_path / "data", per_ratio=2)
+    plain = [f"data.source=folder", f"data.path={folder}", "data.resolution=32", "data.num_validation=2"]
+    out = tmp_path / "cache"
+    assert cache_main(tiny(tmp_path / "unused", vae_dir, *plain) + ["--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(tiny(tmp_path / "run", vae_dir, *plain, "data.buckets.enabled=true", f"data.cache={out}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.buckets is None in the cache, {'max_aspect': 2.0, 'step': 4} now" in err[0]
+
+
+def test_stage_1_trains_on_mixed_shards(tmp_path, seen_batches):
+    from ldm.cli.train_vae import main
+    from test_train_vae import tiny
+
+    pattern = write_mixed_shards(tmp_path, num_shards=2, per_shard=8)
+    run = tmp_path / "vae"
+    data = ["data.source=webdataset", f"data.path={pattern}", "data.num_samples=16", "data.num_validation=0",
+            "data.resolution=32", "data.buckets.enabled=true", "data.buckets.step=4", "train.batch_size=3"]
+    per_epoch = stream_batches_per_epoch(16, 3, 7)
+    assert main(tiny(run, *data, f"train.max_steps={per_epoch + 2}", "train.checkpoint_every=3",
+                     "train.checkpoints_total_limit=null")) == 0
+    epoch = [c for captions, _ in seen_batches[:per_epoch] for c in captions]
+    assert sorted(epoch) == sorted(f"img {i}" for i in range(16))
+    ratios = [(h, w) for w, h in BUCKETS.values()]
+    for captions, shape in seen_batches:
+        assert {ratios[int(c.split()[1]) % 4] for c in captions} == {shape}
+    straight = load_file(str(run / "final/diffusion_pytorch_model.safetensors"))
+    first = list(seen_batches)
+    shutil.rmtree(run / "final")
+    for later in sorted((run / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(later)
+    seen_batches.clear()
+    assert main(tiny(run, *data, f"train.max_steps={per_epoch + 2}", "train.checkpoint_every=100", "--resume", "auto")) == 0
+    assert seen_batches == first[3:]
+    resumed = load_file(str(run / "final/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
