@@ -475,3 +475,29 @@ def test_stage_1_trains_on_mixed_shards(tmp_path, seen_batches):
     assert seen_batches == first[3:]
     resumed = load_file(str(run / "final/diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_controlnet_trains_on_mixed_ratios(tmp_path, base_dir, seen_batches):
+    """The control stage shares the buckets: image and control through one box, one shape a batch."""
+    from ldm.cli.train_control import main
+    from test_train_control import tiny
+
+    folder = tmp_path / "data"
+    (folder / "cond").mkdir(parents=True)
+    lines = []
+    for i in range(3):
+        for name, size in SIZES.items():
+            stem = f"{i:02d}-{name}"
+            picture(size, i).save(folder / f"{stem}.png")
+            picture(size, 100 + i).convert("L").convert("RGB").save(folder / "cond" / f"{stem}.png")
+            lines.append(json.dumps({"file_name": f"{stem}.png", "text": stem, "conditioning_image": f"cond/{stem}.png"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    data = ["data.source=folder", f"data.path={folder}", "data.num_validation=0", "data.buckets.enabled=true"]
+    assert main(tiny(tmp_path / "control", base_dir, "controlnet", *data, "train.batch_size=2", "train.max_steps=6",
+                     "validation.every=100")) == 0
+    buckets = bucket_list(16, 4, 2.0)  # the base makes 16x16 images; VAE factor 2 times U-Net factor 2
+    shapes = {name: buckets[nearest_bucket(size, buckets)] for name, size in SIZES.items()}
+    assert len(seen_batches) == 6 and len(set(shapes.values())) == 3  # at 16 pixels 4:3 and 16:9 share 20x12
+    for captions, shape in seen_batches:
+        assert {(shapes[c.split("-")[1]][1], shapes[c.split("-")[1]][0]) for c in captions} == {shape}
+    assert (tmp_path / "control/final/config.json").is_file()
