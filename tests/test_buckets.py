@@ -501,3 +501,22 @@ def test_controlnet_trains_on_mixed_ratios(tmp_path, base_dir, seen_batches):
     for captions, shape in seen_batches:
         assert {(shapes[c.split("-")[1]][1], shapes[c.split("-")[1]][0]) for c in captions} == {shape}
     assert (tmp_path / "control/final/config.json").is_file()
+
+
+def test_checkpoint_from_before_the_buckets_key_resumes(tmp_path):
+    """A checkpoint whose config.yaml predates data.buckets resumes: the missing keys count as their defaults."""
+    from omegaconf import OmegaConf
+
+    from ldm.cli.train_vae import main
+    from ldm.train.manifest import write_manifest
+    from test_train_vae import tiny
+
+    run = tmp_path / "vae"
+    assert main(tiny(run, "train.max_steps=1", "train.checkpoint_every=1")) == 0
+    saved = run / "checkpoints/step-000001/config.yaml"
+    config = OmegaConf.load(saved)
+    del config.data["buckets"]
+    OmegaConf.save(config, saved)
+    write_manifest(saved.parent)  # the checkpoint's list of sizes and hashes, for the edited file
+    assert main(tiny(run, "train.max_steps=2", "--resume", "auto")) == 0
+    assert (run / "final").is_dir()
