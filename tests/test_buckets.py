@@ -520,3 +520,41 @@ def test_checkpoint_from_before_the_buckets_key_resumes(tmp_path):
     write_manifest(saved.parent)  # the checkpoint's list of sizes and hashes, for the edited file
     assert main(tiny(run, "train.max_steps=2", "--resume", "auto")) == 0
     assert (run / "final").is_dir()
+
+
+def test_two_processes_take_whole_batches_every_image_once_and_resume(tmp_path, vae_dir):
+    """DDP over gloo: each process its own one-bucket batches, the same number of steps, the
+    epoch's images once between them; resumed from the step-3 checkpoint, the same batches and weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train_unet import tiny
+
+    folder = mixed_folder(tmp_path / "data")
+    report = tmp_path / "report"
+    report.mkdir()
+    # 16 images in 4 buckets of 4, batches of 3: 8 batches (4 of 3, 4 of 1), 4 per process an epoch.
+    argv = tiny(tmp_path / "run", vae_dir, *folder_data(folder), "train.max_steps=6", "train.checkpoint_every=3",
+                "train.checkpoints_total_limit=null", "validation.every=100")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+    script = Path(__file__).with_name("two_rank_buckets.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(report), *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    reports = {(phase, rank): json.loads((report / f"{phase}-rank{rank}.json").read_text())
+               for phase in ("straight", "resumed") for rank in range(2)}
+    straight = [reports["straight", rank]["seen"] for rank in range(2)]
+    assert reports["straight", 0]["world_size"] == 2 and len(straight[0]) == len(straight[1]) == 6
+    buckets = {name: [h, w] for name, (w, h) in BUCKETS.items()}
+    epoch = []
+    for rank in range(2):
+        for captions, shape in straight[rank]:
+            assert [buckets[c.split("-")[1]] for c in captions] == [shape] * len(captions)
+        epoch += [c for captions, _ in straight[rank][:4] for c in captions]
+    assert sorted(epoch) == sorted(f"{i:02d}-{name}" for i in range(1, PER_RATIO) for name in SIZES)
+    weights = {key: load_file(str(report / f"{key[0]}-rank{key[1]}.safetensors")) for key in reports}
+    for rank in range(2):
+        assert reports["resumed", rank]["seen"] == straight[rank][3:]
+        assert all(torch.equal(weights["straight", 0][k], weights["resumed", rank][k]) for k in weights["straight", 0])
