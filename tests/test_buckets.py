@@ -217,7 +217,7 @@ def test_stream_grouping_makes_a_fixed_number_of_batches():
 
 def test_mixed_folder_items_and_loader(tmp_path):
     folder = mixed_folder(tmp_path / "data")
-    train = build_dataset(bucketed(folder, num_validation=4, random_flip=True), "train")
+    train = build_dataset(bucketed(folder, num_validation=4), "train")
     buckets = item_buckets(train)
     assert len(train) == len(buckets) == 16
     names = [train.dataset.samples[i][0].stem.split("-")[1] for i in train.indices]
@@ -245,6 +245,12 @@ def test_mixed_folder_items_and_loader(tmp_path):
             captions += batch["caption"]
         assert sorted(captions) == sorted(train.dataset.samples[i][0].stem for i in train.indices)
         assert len(captions) == 16
+    # DataLoader workers load the same batches (the batch sampler stays in this process).
+    with_workers = train_loader(train, batch_size=3, num_workers=2, seed=0)
+    with_workers.set_position(1, 2)
+    loader.set_position(1, 2)
+    for a, b in zip(loader, with_workers, strict=True):
+        assert a["caption"] == b["caption"] and torch.equal(a["pixel_values"], b["pixel_values"])
 
 
 def test_unreadable_image_is_replaced_within_its_bucket(tmp_path):
@@ -283,7 +289,7 @@ def shard_stream(pattern, num_samples, rank=0, world=1, batch_size=3):
 def test_shards_in_one_bucket_batches_every_sample_once(tmp_path):
     pattern = write_mixed_shards(tmp_path, num_shards=2, per_shard=8)
     streams = [shard_stream(pattern, 16, rank=r, world=2) for r in range(2)]
-    assert streams[0].batches_per_epoch == streams[1].batches_per_epoch == stream_batches_per_epoch(8, 3, 7)
+    assert streams[0].batches_per_epoch == streams[1].batches_per_epoch == stream_batches_per_epoch(8, 3, 7) == 8
     for epoch in range(2):
         captions = []
         for stream in streams:
@@ -558,3 +564,22 @@ def test_two_processes_take_whole_batches_every_image_once_and_resume(tmp_path, 
     for rank in range(2):
         assert reports["resumed", rank]["seen"] == straight[rank][3:]
         assert all(torch.equal(weights["straight", 0][k], weights["resumed", rank][k]) for k in weights["straight", 0])
+
+
+def test_ldm_cache_of_mixed_shards(tmp_path, vae_dir):
+    from ldm.cli.cache import main as cache_main
+    from ldm.data.cached import CachedLatents
+    from test_train_unet import tiny
+
+    pattern = write_mixed_shards(tmp_path, num_shards=2, per_shard=8)
+    out = tmp_path / "cache"
+    data = ["data.source=webdataset", f"data.path={pattern}", "data.num_samples=16", "data.num_validation=0",
+            "data.resolution=32", "data.buckets.enabled=true"]
+    assert cache_main(tiny(tmp_path / "unused", vae_dir, *data) + ["--out", str(out)]) == 0
+    index = json.loads((out / "index.json").read_text())
+    cached = CachedLatents(out, index, flips=False, context=True)
+    assert len(cached) == 16 and len(set(item_buckets(cached))) == 4
+    ratios = [(h // 2, w // 2) for w, h in BUCKETS.values()]  # latents of the bucket of sample i's ratio i % 4
+    for i in range(16):
+        entry = cached[i]
+        assert tuple(entry["mean"].shape[1:]) == ratios[int(entry["caption"].split()[1]) % 4]
