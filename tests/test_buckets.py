@@ -319,7 +319,7 @@ def test_shards_in_one_bucket_batches_every_sample_once(tmp_path):
 
 def folder_data(folder, *extra):
     """A mixed folder at resolution 32: 20 images, the first 4 held out, 16 trained in buckets of 4 (3 + 1 a batch)."""
-    return [f"data.source=folder", f"data.path={folder}", "data.resolution=32", "data.num_validation=4",
+    return ["data.source=folder", f"data.path={folder}", "data.resolution=32", "data.num_validation=4",
             "data.buckets.enabled=true", "train.batch_size=3", *extra]
 
 
@@ -446,7 +446,7 @@ def test_a_cache_without_buckets_does_not_serve_a_bucketed_run(tmp_path, vae_dir
     from test_train_unet import tiny
 
     folder = mixed_folder(tmp_path / "data", per_ratio=2)
-    plain = [f"data.source=folder", f"data.path={folder}", "data.resolution=32", "data.num_validation=2"]
+    plain = ["data.source=folder", f"data.path={folder}", "data.resolution=32", "data.num_validation=2"]
     out = tmp_path / "cache"
     assert cache_main(tiny(tmp_path / "unused", vae_dir, *plain) + ["--out", str(out)]) == 0
     capsys.readouterr()

@@ -17,6 +17,7 @@ max(bucket_w / w, bucket_h / h).
 """
 
 import math
+from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -105,6 +106,8 @@ class BucketTransform:
 
     def __call__(self, image, control=None, bucket: Optional[int] = None) -> dict:
         """The item fields of `image` (and `control`) in bucket number `bucket` (None: the nearest to its aspect)."""
+        if control is not None and control.size != image.size:  # the data sources check this first, with the file names
+            raise ValueError(f"the control image is {control.size[0]}x{control.size[1]}, its image {image.size[0]}x{image.size[1]}")
         bucket = self.buckets[self.bucket_of(image.size) if bucket is None else bucket]
         resized = cover_size(image.size, bucket)
         top, left = self.crop_box(resized, bucket)
@@ -122,8 +125,6 @@ class BucketTransform:
             "target_size": torch.tensor([bucket[1], bucket[0]]),
         }
         if control is not None:
-            if control.size != image.size:  # the data sources check this first, with the file names
-                raise ValueError(f"the control image is {control.size[0]}x{control.size[1]}, its image {image.size[0]}x{image.size[1]}")
             item["conditioning_pixel_values"] = out[1]  # [0, 1], as PairedTransform gives it
         return item
 
@@ -138,8 +139,6 @@ def bucket_transform(cfg, center_crop: bool, random_flip: bool) -> BucketTransfo
 
 def with_bucket_step(cfg, factor: int, where: str):
     """`cfg` (a DataConfig) with data.buckets.step resolved against the model's `factor` (unchanged when off)."""
-    from dataclasses import replace
-
     if not cfg.buckets.enabled:
         return cfg
     step = check_bucket_step(cfg.buckets.step, factor, where)

@@ -260,7 +260,6 @@ class ShardStream(IterableDataset):
                 yield item
             pending = 0
 
-
     def bucket_of(self, sample: Dict) -> int:
         try:
             return self.transform.bucket_of(image_size(sample))
