@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ldm.data.buckets import BucketTransform
 from ldm.errors import LdmError
 
 logger = logging.getLogger(__name__)
@@ -263,6 +264,12 @@ class ImageFolderDataset(Dataset):
     also carry "conditioning_pixel_values" (the control image, cropped and flipped as its
     image, in [0, 1]); `controls` lists the control files in item order.
 
+    With a `ldm.data.buckets.BucketTransform`, items are of their aspect-ratio bucket and
+    carry its record (original_size, crop_top_left, target_size); `item_buckets` lists each
+    item's bucket, from the image headers read once here (no pixels decoded), and an
+    unreadable image is replaced by the next readable one of its bucket. Otherwise
+    `item_buckets` is None.
+
     `samples` lists (path, caption) pairs in item order. `num_skipped` counts the
     unreadable images met so far in this process (each DataLoader worker holds its own
     copy of the data set, so its own count).
@@ -301,6 +308,19 @@ class ImageFolderDataset(Dataset):
             logger.warning("skipping %s: %s", path_, problem)
         self.transform = transform
         self._unreadable = set()  # indices already found bad: warned once, never decoded again
+        self.item_buckets: Optional[List[int]] = None
+        if isinstance(transform, BucketTransform):
+            self.item_buckets = [self.header_bucket(i) for i in range(len(self.samples))]
+
+    def header_bucket(self, i: int) -> int:
+        """Item i's bucket from its image header; an unreadable header marks the item unreadable."""
+        path = self.samples[i][0]
+        try:
+            return self.transform.bucket_of(upright_size(path))
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds on bad files; decoding would fail too
+            self._unreadable.add(i)
+            logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+            return self.transform.bucket_of((1, 1))
 
     @property
     def num_skipped(self) -> int:
@@ -315,6 +335,8 @@ class ImageFolderDataset(Dataset):
             i = (index + offset) % len(self.samples)
             if i in self._unreadable:
                 continue
+            if self.item_buckets is not None and self.item_buckets[i] != self.item_buckets[index]:
+                continue  # a batch holds one bucket: the stand-in must be of it
             path, caption = self.samples[i]
             files, loaded = [path] if self.controls is None else [path, self.controls[i]], []
             try:
@@ -324,6 +346,8 @@ class ImageFolderDataset(Dataset):
                 self._unreadable.add(i)
                 logger.warning("skipping unreadable image %s (%s: %s)", file, type(e).__name__, e)
                 continue
+            if self.item_buckets is not None:
+                return {**self.transform(*loaded, bucket=self.item_buckets[i]), "caption": caption}
             if self.controls is None:
                 return {"pixel_values": self.transform(loaded[0]), "caption": caption}
             pixels, control = self.transform(*loaded)
