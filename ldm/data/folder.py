@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ldm.data.skips import note_skip
 from ldm.errors import LdmError
 
 logger = logging.getLogger(__name__)
@@ -301,6 +302,7 @@ class ImageFolderDataset(Dataset):
             logger.warning("skipping %s: %s", path_, problem)
         self.transform = transform
         self._unreadable = set()  # indices already found bad: warned once, never decoded again
+        self.skip_log: Optional[Path] = None  # the run's skipped.jsonl (set by the training loop; workers inherit it)
 
     @property
     def num_skipped(self) -> int:
@@ -322,7 +324,7 @@ class ImageFolderDataset(Dataset):
                     loaded.append(load_image(file))
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
                 self._unreadable.add(i)
-                logger.warning("skipping unreadable image %s (%s: %s)", file, type(e).__name__, e)
+                note_skip(self.skip_log, str(file), f"unreadable image ({type(e).__name__}: {e})", logger)
                 continue
             if self.controls is None:
                 return {"pixel_values": self.transform(loaded[0]), "caption": caption}
