@@ -65,6 +65,8 @@ def write_skip_report(accelerator, run_dir, dataset, resuming: bool = False) -> 
     run_dir/skipped.jsonl from now on; the main process writes the bad captions known now
     (keeping, on a resume, what the earlier part of the run found) and prints the summary."""
     base = base_dataset(dataset)
+    if not hasattr(base, "skip_log"):  # a data set that skips nothing (the shapes)
+        return
     path = Path(run_dir) / SKIPPED
     base.skip_log = path  # set before the loader's workers start, so that their copies carry it
     skipped = getattr(base, "skipped", None)
@@ -86,9 +88,9 @@ def write_skip_report(accelerator, run_dir, dataset, resuming: bool = False) -> 
 def finish_skip_report(accelerator, run_dir, dataset) -> None:
     """At the end of training (main process): skipped.jsonl without duplicates (each worker
     of each process names the images it found unreadable), and the summary with them."""
-    if not accelerator.is_main_process:
-        return
     base = base_dataset(dataset)
+    if not accelerator.is_main_process or not hasattr(base, "skip_log"):
+        return
     path = Path(run_dir) / SKIPPED
     rows = read_skip_report(path)
     tmp = path.with_name(f".{SKIPPED}.tmp")

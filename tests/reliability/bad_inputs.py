@@ -59,3 +59,32 @@ def skip_report(run: Path) -> dict:
     paths = [r["path"] for r in rows]
     assert len(paths) == len(set(paths)), paths
     return {r["path"]: r["reason"] for r in rows}
+
+
+def poisoned(function, calls, value=float("nan"), pick=lambda out: out, put=lambda out, x: x):
+    """`function`, whose result is multiplied by `value` (NaN) on the 1-based call numbers in
+    `calls` (a set, or a callable taking the call number). `pick`/`put` get and set the tensor
+    in a result that is not one (a (loss, parts) pair)."""
+    count = [0]
+    hit = calls if callable(calls) else calls.__contains__
+
+    def wrapper(*args, **kwargs):
+        count[0] += 1
+        out = function(*args, **kwargs)
+        return put(out, pick(out) * value) if hit(count[0]) else out
+
+    wrapper.calls = count
+    return wrapper
+
+
+def error_lines(err: str):
+    """The non-blank stderr lines, and the `error: ` ones among them."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    return lines, [line for line in lines if line.startswith("error: ")]
+
+
+def one_line_error(err: str):
+    """The run's one `error: ` line, when it is the last line and there is no traceback; else None."""
+    lines, errors = error_lines(err)
+    ok = len(errors) == 1 and lines[-1] == errors[0] and not any("Traceback" in line for line in lines)
+    return errors[0] if ok else None
