@@ -88,3 +88,18 @@ def one_line_error(err: str):
     lines, errors = error_lines(err)
     ok = len(errors) == 1 and lines[-1] == errors[0] and not any("Traceback" in line for line in lines)
     return errors[0] if ok else None
+
+
+def remount(folder: Path, options: str) -> None:
+    """Change a mounted tmpfs's options in place (its files stay): `ro`, `rw`, `size=8m`."""
+    import subprocess
+
+    done = subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def tensors_of(folder: Path) -> dict:
+    """Every tensor of every safetensors file under `folder`, keyed by relative path and name."""
+    from safetensors.torch import load_file
+
+    return {f"{p.relative_to(folder)}:{k}": v for p in sorted(folder.rglob("*.safetensors")) for k, v in load_file(str(p)).items()}
