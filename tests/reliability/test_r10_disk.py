@@ -10,7 +10,6 @@ allowed they are skipped, and the fault-injection case (ENOSPC raised inside the
 checkpoint's write) shows the same on any disk."""
 
 import errno
-import shutil
 
 import pytest
 import torch
