@@ -157,6 +157,9 @@ def check_stage_config(cfg) -> None:
     """Everything about a `VAEStageConfig` that can be wrong before data or models exist."""
     check_train_config(cfg.train)
     check_loss_config(cfg.loss)
+    if cfg.data.source == "webdataset":  # the reconstruction grids and the latent statistics index the data set
+        raise LdmError("train_vae.py reads data.source=folder or shapes, not webdataset shards (stage 1 indexes its "
+                       "images for the reconstruction grids and the latent statistics): extract the shards to an image folder")
     resolution = cfg.data.resolution
     factor = downsampling_factor(cfg.model.block_out_channels)  # checked before the VAE is built
     if resolution % factor:

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from bad_inputs import bad_data_folder, skip_report
+from bad_inputs import bad_data_folder, one_line_error, skip_report
 from ldm.cli.train_vae import main
 
 TOTAL, BATCH = 100, 7  # 98 images with good captions: 14 steps make one epoch
@@ -92,3 +92,16 @@ def test_undecodable_shard_samples_from_workers_are_reported(tmp_path, capfd, re
             and "data: 2 samples skipped as undecodable" in out)
     assert record("R5", "undecodable webdataset samples, 2 DataLoader workers (stage 2)", held,
                   detail=f"exit {code}; named {sorted(p.rsplit('/', 1)[-1] for p in report)}"), (code, report, out[-1500:])
+
+
+def test_stage1_refuses_shards_in_one_line_before_training(tmp_path, capsys, record):
+    """Found by R5: train_vae.py on webdataset shards trained, then died at its first validation
+    grid with a NotImplementedError traceback (an IterableDataset has no [i])."""
+    from test_webdataset import write_shards
+
+    (tmp_path / "shards").mkdir()
+    pattern = write_shards(tmp_path / "shards")
+    code = main(argv(tmp_path / "run", pattern, "data.source=webdataset", "data.num_samples=20"))
+    error = one_line_error(capsys.readouterr().err)
+    held = code == 2 and error is not None and "webdataset" in error and not (tmp_path / "run/checkpoints").exists()
+    assert record("R5", "stage 1 on webdataset shards: refused before training", held, detail=f"exit {code}; {error}"), error
