@@ -32,6 +32,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ldm.data.buckets import BucketTransform
+from ldm.data.skips import note_skip
 from ldm.errors import LdmError
 
 logger = logging.getLogger(__name__)
@@ -308,6 +309,8 @@ class ImageFolderDataset(Dataset):
             logger.warning("skipping %s: %s", path_, problem)
         self.transform = transform
         self._unreadable = set()  # indices already found bad: warned once, never decoded again
+        self.skip_log: Optional[Path] = None  # the run's skipped.jsonl (set by the training loop; workers inherit it)
+        self._header_failures: Dict[int, str] = {}  # bad headers met while bucketing, named in skipped.jsonl when met
         self.item_buckets: Optional[List[int]] = None
         if isinstance(transform, BucketTransform):
             self.item_buckets = [self.header_bucket(i) for i in range(len(self.samples))]
@@ -319,7 +322,7 @@ class ImageFolderDataset(Dataset):
             return self.transform.bucket_of(upright_size(path))
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds on bad files; decoding would fail too
             self._unreadable.add(i)
-            logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+            self._header_failures[i] = f"unreadable image ({type(e).__name__}: {e})"
             return self.transform.bucket_of((1, 1))
 
     @property
@@ -334,6 +337,8 @@ class ImageFolderDataset(Dataset):
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
             if i in self._unreadable:
+                if i in self._header_failures:  # found while bucketing, before the run's skip report existed
+                    note_skip(self.skip_log, str(self.samples[i][0]), self._header_failures.pop(i), logger)
                 continue
             if self.item_buckets is not None and self.item_buckets[i] != self.item_buckets[index]:
                 continue  # a batch holds one bucket: the stand-in must be of it
@@ -344,7 +349,7 @@ class ImageFolderDataset(Dataset):
                     loaded.append(load_image(file))
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
                 self._unreadable.add(i)
-                logger.warning("skipping unreadable image %s (%s: %s)", file, type(e).__name__, e)
+                note_skip(self.skip_log, str(file), f"unreadable image ({type(e).__name__}: {e})", logger)
                 continue
             if self.item_buckets is not None:
                 return {**self.transform(*loaded, bucket=self.item_buckets[i]), "caption": caption}

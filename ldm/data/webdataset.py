@@ -49,6 +49,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from ldm.data.bucket_batches import stream_batches, stream_batches_per_epoch
 from ldm.data.buckets import BucketTransform
+from ldm.data.skips import note_skip
 from ldm.data.transforms import PairedTransform
 from ldm.errors import LdmError
 
@@ -176,6 +177,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world, self.batch_size, self.shuffle_buffer = rank, world, batch_size, shuffle_buffer
         self.epoch, self.skip = 0, 0
         self.skipped_keys: List[str] = []
+        self.skip_log = None  # the run's skipped.jsonl (set by the training loop; workers inherit it)
 
     def for_process(self, rank: int, world: int, batch_size: int, seed: int) -> "ShardStream":
         """Process `rank` of `world`'s part, read with train.seed and train.batch_size."""
@@ -249,7 +251,7 @@ class ShardStream(IterableDataset):
                 raise
             except Exception as e:  # PIL and json raise many kinds on bad bytes
                 self.skipped_keys.append(sample_name(sample))
-                logger.warning("skipping undecodable sample %s (%s: %s)", sample_name(sample), type(e).__name__, e)
+                note_skip(self.skip_log, sample_name(sample), f"undecodable sample ({type(e).__name__}: {e})", logger)
                 failures += 1
                 if failures > max(len(self), 10_000):
                     raise LdmError(f"{failures} webdataset samples in a row did not decode (check the shards: {self.my_shards[0]} ...)")
