@@ -111,8 +111,8 @@ def main(argv=None) -> int:
     text = table(results, model, guidance, args.images_per_prompt)
     print("\n" + text)
     if args.out:
-        Path(args.out).with_suffix(".md").write_text(text)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(
+        Path(args.out + ".md").write_text(text)
+        Path(args.out + ".json").write_text(json.dumps(
             {"model": str(model), "objective": objective, "guidance_scale": guidance,
              "images_per_prompt": args.images_per_prompt, "results": results}, indent=2))
     return 0

@@ -68,7 +68,10 @@ def measure_latent_stats(vae, batches: Iterable[torch.Tensor], num_samples: int,
             break
     if not latents:
         raise LdmError("no images to measure the latent scaling factor on: is the data set empty?")
-    z = torch.cat(latents)
+    if len({z.shape[1:] for z in latents}) > 1:  # aspect-ratio buckets: per channel, every latent pixel of every shape
+        z = torch.cat([z.transpose(0, 1).flatten(1) for z in latents], dim=1).T[:, :, None, None]
+    else:
+        z = torch.cat(latents)
     stats = {"scaling_factor": float(1.0 / z.std())}
     if per_channel:
         stats["latents_mean"] = z.mean(dim=(0, 2, 3)).tolist()

@@ -12,6 +12,12 @@
   empty_context.safetensors  the hidden states of "" (caption dropout feeds them)
   index.json                 written last: the shards and their sizes; no index, no cache
 
+With data.buckets.enabled (aspect-ratio buckets, ldm.data.buckets) a shard stores each
+bucket's entries under their own names (`mean.HxW`, `std.HxW`, ... for the bucket's H x W
+pixels), and its metadata says where each sample is ("rows": [bucket, row] in sample order)
+and what its crop was ("records": original_size and crop_top_left, as the data sets give
+them); training batches them by bucket, as it does the images.
+
 The posterior is stored, not a latent, so that training still samples
 z = mean + std * eps at every step (Rombach et al. 2022 train on samples of q(z|x),
 not on its mean). Images are center-cropped: random crops cannot be cached.
@@ -71,7 +77,24 @@ def source_description(data) -> dict:
         described["num_validation"] = data.num_validation  # the cache holds the train split
     if data.source == "shapes":
         described["shapes"] = asdict(data.shapes)
+    if data.buckets.enabled:  # only when on, so that caches without buckets keep the config they always had
+        described["buckets"] = {"max_aspect": data.buckets.max_aspect, "step": data.buckets.step}
     return described
+
+
+def with_unet_buckets(cfg, vae):
+    """`cfg` with data.buckets.step resolved as train_unet resolves it (the VAE's times the U-Net's factor)."""
+    if not cfg.data.buckets.enabled:
+        return cfg
+    from dataclasses import replace
+
+    from ldm.autoencoder import vae_scale_factor
+    from ldm.data.buckets import with_bucket_step
+    from ldm.train.init_from import folder_unet_config
+
+    channels = folder_unet_config(cfg.init_from)["block_out_channels"] if cfg.init_from else cfg.model.block_out_channels
+    factor = vae_scale_factor(vae) * 2 ** (len(channels) - 1)
+    return replace(cfg, data=with_bucket_step(cfg.data, factor, "the VAE's times the U-Net's downsampling factor"))
 
 
 def cache_config(cfg, vae) -> dict:
@@ -188,30 +211,50 @@ class Encoders:
         return out
 
 
-def encode_unit(encoders: Encoders, items: Iterator[dict], batch_size: int, progress) -> Tuple[dict, List[str]]:
-    """All entries of one unit: stacked tensors and the captions, in item order."""
-    parts, captions, batch = [], [], []
+def bucket_name(item: dict) -> str:
+    """"HxW" of a bucketed item's bucket; "" for an item of a data set without buckets."""
+    if "target_size" not in item:
+        return ""
+    height, width = item["target_size"].tolist()
+    return f"{height}x{width}"
 
-    def flush():
+
+def encode_unit(encoders: Encoders, items: Iterator[dict], batch_size: int, progress) -> Tuple[dict, List[str], dict]:
+    """All entries of one unit: stacked tensors, the captions in item order, and the shard's bucket metadata.
+
+    Items are encoded in batches of one bucket; without buckets (one nameless bucket) the
+    tensors are stacked in item order under their plain names and the metadata is empty.
+    """
+    parts, captions, buffers, rows, records, counts = {}, [], {}, [], [], {}
+
+    def flush(name):
+        batch = buffers.pop(name)
         pixels = torch.stack([item["pixel_values"] for item in batch])
-        texts = [item["caption"] for item in batch]
-        parts.append(encoders.encode(pixels, texts))
+        part = encoders.encode(pixels, [item["caption"] for item in batch])
         if "conditioning_pixel_values" in batch[0]:  # [0, 1] floats of 8-bit images: uint8 holds them exactly
             control = torch.stack([item["conditioning_pixel_values"] for item in batch])
-            parts[-1]["conditioning"] = (control * 255).round().to(torch.uint8)
-        captions.extend(texts)
+            part["conditioning"] = (control * 255).round().to(torch.uint8)
+        parts.setdefault(name, []).append(part)
         progress.update(len(batch))
-        batch.clear()
 
     for item in items:
-        batch.append(item)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+        name = bucket_name(item)
+        rows.append([name, counts.get(name, 0)])  # its row among its bucket's entries
+        counts[name] = counts.get(name, 0) + 1
+        if name:
+            records.append({"original_size": item["original_size"].tolist(), "crop_top_left": item["crop_top_left"].tolist()})
+        captions.append(item["caption"])
+        buffers.setdefault(name, []).append(item)
+        if len(buffers[name]) == batch_size:
+            flush(name)
+    for name in list(buffers):
+        flush(name)
     if not parts:
-        return {}, []
-    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}, captions
+        return {}, [], {}
+    suffix = lambda name: f".{name}" if name else ""  # noqa: E731
+    tensors = {key + suffix(name): torch.cat([p[key] for p in group]) for name, group in parts.items() for key in group[0]}
+    metadata = {"rows": json.dumps(rows), "records": json.dumps(records)} if "" not in parts else {}
+    return tensors, captions, metadata
 
 
 def units_of(data_cfg) -> Tuple[int, callable, int]:
@@ -224,6 +267,10 @@ def units_of(data_cfg) -> Tuple[int, callable, int]:
 
         shards = expand_shards(data_cfg.path)
         transform = (paired_transform if data_cfg.conditioning else image_transform)(data_cfg.resolution, center_crop=True)
+        if data_cfg.buckets.enabled:
+            from ldm.data.buckets import bucket_transform
+
+            transform = bucket_transform(data_cfg, center_crop=True, random_flip=False)
 
         def tar_items(unit):
             for sample in read_samples([shards[unit]]):
@@ -251,6 +298,7 @@ def write_cache(cfg, out, accelerator) -> Path:
 
     out = Path(out)
     vae = load_vae(cfg.vae_path)
+    cfg = with_unet_buckets(cfg, vae)  # data.buckets: the step train_unet will check the cache against
     config = cache_config(cfg, vae)
     num_units, unit_items, total = units_of(cfg.data)
     made_for = out / CONFIG
@@ -282,11 +330,11 @@ def write_cache(cfg, out, accelerator) -> Path:
     todo = None if total is None else sum(min(UNIT_SIZE, total - u * UNIT_SIZE) for u in mine)
     progress = tqdm(total=todo, unit="img", desc="ldm-cache", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for unit in mine:
-        tensors, captions = encode_unit(encoders, unit_items(unit), cfg.train.batch_size, progress)
+        tensors, captions, buckets = encode_unit(encoders, unit_items(unit), cfg.train.batch_size, progress)
         if not captions:
             logger.warning("unit %d has no decodable samples: its shard is empty", unit)
             tensors = {}
-        atomic_save(tensors, out / shard_name(unit), {"captions": json.dumps(captions)})
+        atomic_save(tensors, out / shard_name(unit), {"captions": json.dumps(captions), **buckets})
     progress.close()
     accelerator.wait_for_everyone()
 

@@ -29,6 +29,22 @@ class ShapesConfig:
 
 
 @dataclass
+class BucketConfig:
+    """Aspect-ratio bucketing (ldm.data.buckets): train on whole images of many shapes, not square crops.
+
+    Buckets are (width, height) pairs of about resolution**2 pixels, both multiples of `step`,
+    no longer than `max_aspect` times their other side; each image goes to the bucket of the
+    nearest aspect ratio, and every batch holds one bucket. Off: square crops, as always.
+    """
+
+    enabled: bool = False
+    max_aspect: float = 2.0  # the longest bucket is at most this many times as long as it is wide (or tall)
+    # Sides are multiples of this; None: the model's factor (stage 1: the VAE's; stage 2 and
+    # control: the VAE's times the U-Net's), so latents of every bucket fit the U-Net.
+    step: Optional[int] = None
+
+
+@dataclass
 class DataConfig:
     source: str = "shapes"  # "shapes" | "folder" | "webdataset"
     # "folder": the image folder; "webdataset": tar shards, brace patterns allowed
@@ -53,6 +69,9 @@ class DataConfig:
     # folder: an image whose caption is not UTF-8 or empty is skipped and reported in the run's
     # skipped.jsonl ("skip"), or stops the run before it starts ("error").
     bad_captions: str = "skip"
+    # Aspect-ratio bucketing of the train split (folder, webdataset and ldm-cache data); the
+    # validation split keeps square center crops, so its metrics compare like with like.
+    buckets: BucketConfig = field(default_factory=BucketConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 

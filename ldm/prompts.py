@@ -12,6 +12,7 @@ For img2img a line names its start image, `"init_image": "photos/1.png"`, and ma
 """
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
@@ -98,6 +99,9 @@ def _check_field(path, number, key, value) -> None:
     types, words = FIELDS[key]
     if isinstance(value, bool) or not isinstance(value, types):
         raise LdmError(f"{path}, line {number}: '{key}' must be {words}, got {json.dumps(value, ensure_ascii=False)}")
+    # json reads NaN, Infinity and -Infinity: a NaN guidance scale silently turned guidance off.
+    if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        raise LdmError(f"{path}, line {number}: '{key}' must be a finite number, got {json.dumps(value)}")
     if isinstance(value, list):
         types, words = LIST_ITEMS[key]
         if not value or any(isinstance(v, bool) or not isinstance(v, types) for v in value):

@@ -19,7 +19,9 @@ control image (see `ldm.cli.sample_control`). A .jsonl line with "init_image" (a
 """
 
 import argparse
+import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -94,13 +96,16 @@ class Job:
     edit: Optional[sample_img2img.Edit] = None  # the line's img2img / inpainting settings, or None
 
 
+SEED_LIMIT = 2**64
+
+
 def plan(records: List[PromptRecord], args) -> List[Job]:
     """Every image the file asks for, with the settings of its line (a .jsonl line overrides flags)."""
     jobs = []
     for r in records:
         seed = r.seed if r.seed is not None else args.seed + r.line
-        if seed < 0:
-            raise LdmError(f"line {r.line}: seed {seed} is negative; seeds must be >= 0")
+        if not 0 <= seed < SEED_LIMIT:  # torch.Generator.manual_seed takes 64 bits: a bigger one failed mid-file
+            raise LdmError(f"line {r.line}: seed {seed} is out of range; seeds must be >= 0 and < 2**64")
         for k in range(args.num_images_per_prompt):
             suffix = f"-{k:02d}" if args.num_images_per_prompt > 1 else ""
             jobs.append(Job(
@@ -118,6 +123,8 @@ def check_args(args) -> None:
     for name in ("steps", "batch_size", "num_images_per_prompt"):
         if getattr(args, name) < 1:
             raise LdmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not math.isfinite(args.guidance_scale):  # argparse's float() reads "nan" and "inf"
+        raise LdmError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
         raise LdmError(f"--outdir {args.outdir} exists and is not a folder")
     sample_control.check_control_args(args)
@@ -217,6 +224,18 @@ def manifest_record(job: Job, args) -> dict:
     )
 
 
+@contextmanager
+def failing_lines(batch: List[Job], prompts, done: int):
+    """An `LdmError` while sampling `batch` (NaN latents from a line's settings, ...) names its
+    prompt lines, and says that the `done` images made before it are kept (a re-run continues)."""
+    try:
+        yield
+    except LdmError as e:
+        lines = ", ".join(str(n) for n in sorted({job.record.line for job in batch}))
+        raise LdmError(f"{prompts}, line {lines}: {e} ({done} images made before it are kept; "
+                       "a re-run after the fix makes only the rest)") from None
+
+
 def make_images(todo: List[Job], args, shard: Shard, outdir: Path, recorded: set) -> None:
     """Sample `todo` in batches; each image is saved and recorded as soon as its batch is done."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder; never reach for the hub
@@ -257,33 +276,38 @@ def make_images(todo: List[Job], args, shard: Shard, outdir: Path, recorded: set
     cut_torn_tail(manifest)
     remove_stale_temps(outdir, [job.file for job in todo])
 
+    made = 0  # images written by this run (the bar counts on the main shard only)
     with tqdm(total=len(todo), unit="img", desc="ldm-sample" + shard.suffix, disable=not shard.is_main) as bar:
         for batch in batches(todo, args.batch_size):
             edit = batch[0].edit
             if edit is not None:
                 edit_shape = (shape[0], edit.size[0] // f, edit.size[1] // f)
-                images = sample_img2img.edit_call(pipe, batch, edit, edit_shape, args.eta)
+                with failing_lines(batch, args.prompts, made):
+                    images = sample_img2img.edit_call(pipe, batch, edit, edit_shape, args.eta)
                 for job, image in zip(batch, images):
                     save_png(image, outdir / job.file, image_settings(job, args, *edit.size, scheduler))
                     if job.file not in recorded:
                         append_record(manifest, manifest_record(job, args))
                     bar.update()
+                    made += 1
                 continue
             noise = [initial_noise(job, shape) for job in batch]
-            images = pipe(
-                [j.record.prompt for j in batch],
-                negative_prompt=[j.negative_prompt or "" for j in batch],
-                height=height, width=width,
-                num_inference_steps=batch[0].steps, guidance_scale=batch[0].guidance_scale, eta=args.eta,
-                latents=torch.cat([latents for latents, _ in noise]).to(dtype),
-                generator=[generator for _, generator in noise],
-                **(sample_control.control_call_args(batch, pipe) if sample_control.control_kind(args) else {}),
-            ).images
+            with failing_lines(batch, args.prompts, made):
+                images = pipe(
+                    [j.record.prompt for j in batch],
+                    negative_prompt=[j.negative_prompt or "" for j in batch],
+                    height=height, width=width,
+                    num_inference_steps=batch[0].steps, guidance_scale=batch[0].guidance_scale, eta=args.eta,
+                    latents=torch.cat([latents for latents, _ in noise]).to(dtype),
+                    generator=[generator for _, generator in noise],
+                    **(sample_control.control_call_args(batch, pipe) if sample_control.control_kind(args) else {}),
+                ).images
             for job, image in zip(batch, images):
                 save_png(image, outdir / job.file, image_settings(job, args, height, width, scheduler))
                 if job.file not in recorded:
                     append_record(manifest, manifest_record(job, args))
                 bar.update()
+                made += 1
 
 
 def write_contact_sheet(jobs: List[Job], outdir: Path, name: str) -> Optional[Path]:

@@ -8,6 +8,10 @@ float32 (3, res, res) in [0, 1], cropped and flipped as its image.
 "folder" and "shapes" are map-style data sets, split into validation and train items.
 "webdataset" is a stream (`ldm.data.webdataset.ShardStream`) with no validation split:
 data.num_validation does not apply to it, and asking for its validation split is an error.
+
+With data.buckets.enabled the train split of "folder" and "webdataset" is bucketed by
+aspect ratio (ldm.data.buckets): items are of their bucket's size and also carry
+"original_size", "crop_top_left" and "target_size"; the validation split stays square.
 """
 
 from typing import Optional
@@ -23,10 +27,18 @@ SOURCES = ("folder", "shapes", "webdataset")
 SPLITS = ("train", "validation")
 
 
-def build_source(cfg: DataConfig, augment: bool) -> Dataset:
-    """The whole data set of `cfg.source`, before the split."""
+def build_source(cfg: DataConfig, augment: bool, bucketed: bool = False) -> Dataset:
+    """The whole data set of `cfg.source`, before the split; `bucketed`: with aspect-ratio buckets."""
     # With controls, one transform takes the image and its control through the same crop and flip.
     make_transform = paired_transform if cfg.conditioning else image_transform
+    if bucketed:
+        if cfg.source == "shapes":
+            raise LdmError("data.buckets.enabled applies to folder and webdataset data; shapes images are square "
+                           "(set data.buckets.enabled=false)")
+        from ldm.data.buckets import bucket_transform
+
+        def make_transform(resolution, center_crop, random_flip):  # noqa: F811 - the bucketed one replaces it
+            return bucket_transform(cfg, center_crop, random_flip)
     if cfg.source == "folder":
         if cfg.path is None:
             raise LdmError("data.source is 'folder' but data.path is not set (set data.path to a folder of images with captions)")
@@ -69,7 +81,8 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: Optional[bool]
             "data.source=webdataset has no validation split (its shards are one stream): set data.num_validation=0, "
             "or hold validation images out in a separate folder"
         )
-    dataset = build_source(cfg, augment=split == "train" if augment is None else augment)
+    bucketed = cfg.buckets.enabled and split == "train"
+    dataset = build_source(cfg, augment=split == "train" if augment is None else augment, bucketed=bucketed)
     if cfg.source == "webdataset":
         return dataset
     n, n_val = len(dataset), cfg.num_validation

@@ -3,6 +3,9 @@
 `CachedLatents` is map-style, so the EpochShuffle order and exact resume of
 `ldm.train.loader` apply unchanged. Items are
 {"mean", "std"[, "mean_flip", "std_flip"][, "context"][, "conditioning_pixel_values"], "caption"},
+and from a cache with aspect-ratio buckets also "original_size", "crop_top_left" and
+"target_size" (as the bucketed data sets give them), with `item_buckets` for the loader's
+one-bucket batches (ldm.data.bucket_batches);
 read lazily from the memory-mapped safetensors shards (a cache much larger than RAM is
 fine); the control image comes as float32 [0, 1], as the uncached data sets give it.
 
@@ -41,7 +44,12 @@ class CachedLatents(Dataset):
             self.starts.append(self.starts[-1] + shard["num_samples"])
         self.keys = ["mean", "std"] + (["mean_flip", "std_flip"] if flips else []) + (["context"] if context else [])
         self.keys += ["conditioning"] if conditioning else []
-        self._open = {}  # shard -> (safe_open handle, captions); opened per process/worker, on first use
+        self._open = {}  # shard -> (safe_open handle, captions, rows, records); opened per process/worker, on first use
+        self.item_buckets = None  # a cache without buckets: the EpochShuffle loader
+        if index["config"]["data"].get("buckets"):  # every item's bucket, from the shards' metadata
+            names = [row[0] for s in range(len(self.shards)) for row in self.shard(s)[2]]
+            ids = {name: i for i, name in enumerate(sorted(set(names)))}
+            self.item_buckets = [ids[name] for name in names]
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -52,16 +60,24 @@ class CachedLatents(Dataset):
     def shard(self, s: int):
         if s not in self._open:
             handle = safe_open(str(self.folder / self.shards[s]["file"]), "pt")
-            self._open[s] = handle, json.loads(handle.metadata()["captions"])
+            metadata = handle.metadata()
+            rows = json.loads(metadata.get("rows", "[]")) or None  # None: one tensor per key, in sample order
+            self._open[s] = handle, json.loads(metadata["captions"]), rows, json.loads(metadata.get("records", "[]"))
         return self._open[s]
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
         s = bisect.bisect_right(self.starts, index) - 1
-        handle, captions = self.shard(s)
+        handle, captions, rows, records = self.shard(s)
         i = index - self.starts[s]
-        item = {key: handle.get_slice(key)[i:i + 1][0] for key in self.keys}
+        if rows is None:
+            item = {key: handle.get_slice(key)[i:i + 1][0] for key in self.keys}
+        else:  # the entry sits in row `row` of its bucket's tensors (ldm.cache)
+            name, row = rows[i]
+            item = {key: handle.get_slice(f"{key}.{name}")[row:row + 1][0] for key in self.keys}
+            item["original_size"], item["crop_top_left"] = (torch.tensor(records[i][k]) for k in ("original_size", "crop_top_left"))
+            item["target_size"] = torch.tensor([int(side) for side in name.split("x")])
         if "conditioning" in item:  # uint8 on disk; [0, 1] as torchvision scales 8-bit images, like the data sets
             item["conditioning_pixel_values"] = TF.to_dtype(item.pop("conditioning"), torch.float32, scale=True)
         item["caption"] = captions[i]

@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ldm.data.buckets import BucketTransform
+from ldm.data.skips import note_skip
 from ldm.errors import LdmError
 
 logger = logging.getLogger(__name__)
@@ -263,6 +265,12 @@ class ImageFolderDataset(Dataset):
     also carry "conditioning_pixel_values" (the control image, cropped and flipped as its
     image, in [0, 1]); `controls` lists the control files in item order.
 
+    With a `ldm.data.buckets.BucketTransform`, items are of their aspect-ratio bucket and
+    carry its record (original_size, crop_top_left, target_size); `item_buckets` lists each
+    item's bucket, from the image headers read once here (no pixels decoded), and an
+    unreadable image is replaced by the next readable one of its bucket. Otherwise
+    `item_buckets` is None.
+
     `samples` lists (path, caption) pairs in item order. `num_skipped` counts the
     unreadable images met so far in this process (each DataLoader worker holds its own
     copy of the data set, so its own count).
@@ -301,6 +309,21 @@ class ImageFolderDataset(Dataset):
             logger.warning("skipping %s: %s", path_, problem)
         self.transform = transform
         self._unreadable = set()  # indices already found bad: warned once, never decoded again
+        self.skip_log: Optional[Path] = None  # the run's skipped.jsonl (set by the training loop; workers inherit it)
+        self._header_failures: Dict[int, str] = {}  # bad headers met while bucketing, named in skipped.jsonl when met
+        self.item_buckets: Optional[List[int]] = None
+        if isinstance(transform, BucketTransform):
+            self.item_buckets = [self.header_bucket(i) for i in range(len(self.samples))]
+
+    def header_bucket(self, i: int) -> int:
+        """Item i's bucket from its image header; an unreadable header marks the item unreadable."""
+        path = self.samples[i][0]
+        try:
+            return self.transform.bucket_of(upright_size(path))
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds on bad files; decoding would fail too
+            self._unreadable.add(i)
+            self._header_failures[i] = f"unreadable image ({type(e).__name__}: {e})"
+            return self.transform.bucket_of((1, 1))
 
     @property
     def num_skipped(self) -> int:
@@ -314,7 +337,11 @@ class ImageFolderDataset(Dataset):
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
             if i in self._unreadable:
+                if i in self._header_failures:  # found while bucketing, before the run's skip report existed
+                    note_skip(self.skip_log, str(self.samples[i][0]), self._header_failures.pop(i), logger)
                 continue
+            if self.item_buckets is not None and self.item_buckets[i] != self.item_buckets[index]:
+                continue  # a batch holds one bucket: the stand-in must be of it
             path, caption = self.samples[i]
             files, loaded = [path] if self.controls is None else [path, self.controls[i]], []
             try:
@@ -322,8 +349,10 @@ class ImageFolderDataset(Dataset):
                     loaded.append(load_image(file))
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
                 self._unreadable.add(i)
-                logger.warning("skipping unreadable image %s (%s: %s)", file, type(e).__name__, e)
+                note_skip(self.skip_log, str(file), f"unreadable image ({type(e).__name__}: {e})", logger)
                 continue
+            if self.item_buckets is not None:
+                return {**self.transform(*loaded, bucket=self.item_buckets[i]), "caption": caption}
             if self.controls is None:
                 return {"pixel_values": self.transform(loaded[0]), "caption": caption}
             pixels, control = self.transform(*loaded)

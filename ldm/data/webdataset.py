@@ -23,6 +23,14 @@ skip on resume stays exact.
 
 DataLoader workers split the stream by whole batches (worker w yields the samples of
 batches w, w + W, ...), so the batches are the same with any number of workers.
+
+With aspect-ratio buckets (a `BucketTransform`, data.buckets), the stream yields whole
+batches of one bucket each, grouped by `ldm.data.bucket_batches.stream_batches` from the
+image headers of the epoch's samples (read, not decoded): a fixed number of batches per
+epoch and process, every sample of the epoch exactly once. A resume re-reads the headers
+of the epoch's consumed samples to rebuild its grouping, and decodes from the first
+unused batch. An undecodable sample is replaced by another of its batch (or the last good
+one of its bucket), so that a batch keeps its size and shape.
 """
 
 import io
@@ -37,8 +45,11 @@ import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from ldm.data.bucket_batches import stream_batches, stream_batches_per_epoch
+from ldm.data.buckets import BucketTransform
+from ldm.data.skips import note_skip
 from ldm.data.transforms import PairedTransform
 from ldm.errors import LdmError
 
@@ -98,7 +109,8 @@ def decode(sample: Dict, transform: Callable) -> dict:
             raise ValueError('its json has no string "caption" or "text"')
     else:
         raise ValueError(f"no caption ({', '.join(CAPTION_KEYS)}) in the sample")
-    paired = isinstance(transform, PairedTransform)
+    bucketed = isinstance(transform, BucketTransform)  # items carry their bucket's record (ldm.data.buckets)
+    paired = isinstance(transform, PairedTransform) or (bucketed and transform.paired)
     if paired and CONTROL_KEY not in sample:
         raise LdmError(
             f"webdataset sample {sample_name(sample)} has no {CONTROL_KEY} but data.conditioning is on "
@@ -107,6 +119,8 @@ def decode(sample: Dict, transform: Callable) -> dict:
     with Image.open(io.BytesIO(sample[image_key])) as image:
         image.load()
         if not paired:
+            if bucketed:
+                return {**transform(image), "caption": caption.strip()}
             return {"pixel_values": transform(image), "caption": caption.strip()}
         with Image.open(io.BytesIO(sample[CONTROL_KEY])) as control:
             if control.size != image.size:
@@ -115,8 +129,17 @@ def decode(sample: Dict, transform: Callable) -> dict:
                     f"but its {image_key} is {image.size[0]}x{image.size[1]} (a control image must have its image's size)"
                 )
             control.load()
+            if bucketed:
+                return {**transform(image, control), "caption": caption.strip()}
             pixels, control_pixels = transform(image, control)
         return {"pixel_values": pixels, "caption": caption.strip(), "conditioning_pixel_values": control_pixels}
+
+
+def image_size(sample: Dict):
+    """(width, height) of a sample's image, from its header (no pixel decoding)."""
+    image_key = next(k for k in IMAGE_KEYS if k in sample)
+    with Image.open(io.BytesIO(sample[image_key])) as image:
+        return image.size
 
 
 def sample_name(sample: Dict) -> str:
@@ -154,6 +177,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world, self.batch_size, self.shuffle_buffer = rank, world, batch_size, shuffle_buffer
         self.epoch, self.skip = 0, 0
         self.skipped_keys: List[str] = []
+        self.skip_log = None  # the run's skipped.jsonl (set by the training loop; workers inherit it)
 
     def for_process(self, rank: int, world: int, batch_size: int, seed: int) -> "ShardStream":
         """Process `rank` of `world`'s part, read with train.seed and train.batch_size."""
@@ -169,6 +193,17 @@ class ShardStream(IterableDataset):
 
     def __len__(self) -> int:
         return self.num_samples // self.world
+
+    @property
+    def bucketed(self) -> bool:
+        return isinstance(self.transform, BucketTransform)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of this process per epoch: full ones, or with buckets `stream_batches_per_epoch`."""
+        if self.bucketed:
+            return stream_batches_per_epoch(len(self), self.batch_size, len(self.transform.buckets))
+        return len(self) // self.batch_size
 
     def set_position(self, epoch: int, skip: int = 0) -> None:
         """Start `epoch` at sample `skip` (samples already consumed in it are read past, not decoded)."""
@@ -198,6 +233,9 @@ class ShardStream(IterableDataset):
         return info is None or ((position - self.skip) // self.batch_size) % info.num_workers == info.id
 
     def __iter__(self) -> Iterator[dict]:
+        if self.bucketed:
+            yield from self.bucket_batches()
+            return
         end = len(self)
         pending = 0  # positions of ours whose sample did not decode: the next good one fills them
         failures = 0
@@ -213,7 +251,7 @@ class ShardStream(IterableDataset):
                 raise
             except Exception as e:  # PIL and json raise many kinds on bad bytes
                 self.skipped_keys.append(sample_name(sample))
-                logger.warning("skipping undecodable sample %s (%s: %s)", sample_name(sample), type(e).__name__, e)
+                note_skip(self.skip_log, sample_name(sample), f"undecodable sample ({type(e).__name__}: {e})", logger)
                 failures += 1
                 if failures > max(len(self), 10_000):
                     raise LdmError(f"{failures} webdataset samples in a row did not decode (check the shards: {self.my_shards[0]} ...)")
@@ -223,6 +261,46 @@ class ShardStream(IterableDataset):
             for _ in range(pending + ours):
                 yield item
             pending = 0
+
+    def bucket_of(self, sample: Dict) -> int:
+        try:
+            return self.transform.bucket_of(image_size(sample))
+        except Exception:  # noqa: BLE001 - no readable header: it will not decode, and its batch replaces it
+            return self.transform.bucket_of((1, 1))
+
+    def bucket_batches(self) -> Iterator[dict]:
+        """This epoch's batches of one bucket each, from batch `self.skip` on (see the module doc); collated."""
+        info = get_worker_info()
+        samples = ((self.bucket_of(sample), sample) for sample in self.raw_stream())
+        last_good: Dict[int, dict] = {}  # per bucket: the stand-in for a batch that does not decode at all
+        grouped = stream_batches(samples, self.batch_size, len(self.transform.buckets), len(self))
+        for index, batch in enumerate(grouped):
+            if index < self.skip or (info is not None and (index - self.skip) % info.num_workers != info.id):
+                continue
+            yield default_collate(self.decode_batch(batch, last_good))
+
+    def decode_batch(self, batch: List[Dict], last_good: Dict[int, dict]) -> List[dict]:
+        """The decoded items of one bucket's batch; an undecodable sample is replaced by a good one of the batch."""
+        items = []
+        for sample in batch:
+            try:
+                items.append(decode(sample, self.transform))
+            except LdmError:  # a sample the data set's config does not fit: no skip mends that
+                raise
+            except Exception as e:  # PIL and json raise many kinds on bad bytes
+                self.skipped_keys.append(sample_name(sample))
+                logger.warning("skipping undecodable sample %s (%s: %s)", sample_name(sample), type(e).__name__, e)
+                items.append(None)
+        good = [item for item in items if item is not None]
+        bucket = self.bucket_of(batch[0])
+        if good:
+            last_good[bucket] = good[-1]
+        elif bucket in last_good:
+            good = [last_good[bucket]]
+        else:
+            raise LdmError(f"no sample of a batch decoded and none of its bucket did before (check the shards: "
+                           f"{sample_name(batch[0])} ...)")
+        return [item if item is not None else good[i % len(good)] for i, item in enumerate(items)]
 
 
 def build_webdataset(cfg, transform: Callable) -> ShardStream:

@@ -14,6 +14,7 @@ key by key (dotted keys), and each changed key is one of:
 """
 
 import json
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -64,12 +65,21 @@ def changed_keys(saved: Dict[str, object], now: Dict[str, object]) -> List[Tuple
             if saved.get(k, "<absent>") != now.get(k, "<absent>")]
 
 
+def defaults_of(cfg) -> Dict[str, object]:
+    """The flat defaults of `cfg`'s dataclass (a stage config); {} when it has required fields or is no dataclass."""
+    try:
+        return flat(type(cfg)()) if is_dataclass(cfg) else {}
+    except TypeError:  # fields without defaults
+        return {}
+
+
 def check_changes(checkpoint: Path, cfg, allowed) -> List[Tuple[str, object, object]]:
     """The deliberate changes to apply, after refusing breaking ones and deliberate ones not allowed (one line)."""
     saved_file = Path(checkpoint) / CONFIG
     if not saved_file.is_file():
         return []  # written before checkpoints carried their config: nothing to compare with
-    saved = flat(OmegaConf.load(saved_file))
+    # A key added to the config since the checkpoint was written (e.g. data.buckets) counts as its default there.
+    saved = {**defaults_of(cfg), **flat(OmegaConf.load(saved_file))}
     changes = [c for c in changed_keys(saved, flat(cfg)) if kind_of(c[0]) != "harmless"]
     show = lambda cs: "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in cs)  # noqa: E731
     breaking = [c for c in changes if kind_of(c[0]) == "breaking"]

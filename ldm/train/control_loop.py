@@ -25,11 +25,12 @@ from torchvision.utils import save_image
 
 from ldm.autoencoder import vae_scale_factor
 from ldm.codec import LatentCodec
-from ldm.config import ObjectiveConfig, save_config
+from ldm.config import BucketConfig, ObjectiveConfig, save_config
 from ldm.control.denoiser import ControlledDenoiser
 from ldm.control.dropout import drop_conditioning
 from ldm.control.models import build_control_model, check_control_config
 from ldm.data import build_dataset
+from ldm.data.buckets import with_bucket_step
 from ldm.errors import LdmError
 from ldm.eval.validation_loss import build_validation_loss, check_validation_loss_config
 from ldm.objectives import build_objective, drop_captions
@@ -72,10 +73,16 @@ def train_control(cfg, resume: Optional[str] = None) -> Path:
             f"data.resolution={cfg.data.resolution} but the base model {cfg.base_model} makes {size}x{size} images: "
             f"set data.resolution={size}"
         )
+    # data.buckets: bucket sides are multiples of the base's VAE factor times its U-Net's (or of the step set).
+    unet_factor = 2 ** (len(base.unet.config.block_out_channels) - 1)
+    cfg = replace(cfg, data=with_bucket_step(cfg.data, factor * unet_factor, "the base model's VAE times U-Net factor"))
     run = Run(cfg.train.output_dir)
     checkpoint = find_checkpoint(run.checkpoints, resume)
     train_set = build_dataset(cfg.data, "train")
+    # The grids stack their examples: held-out ones, else square training ones (bucketed ones differ in shape).
     val_set = build_dataset(cfg.data, "validation") if cfg.data.num_validation > 0 else train_set
+    if val_set is train_set and cfg.data.buckets.enabled:
+        val_set = build_dataset(replace(cfg.data, buckets=BucketConfig()), "train")
     accelerator = make_accelerator(cfg.train, run)
     loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator.num_processes)
 

@@ -10,6 +10,10 @@ A webdataset stream (`ShardStream`) is split across processes by shards instead,
 orders itself from (seed, epoch, rank); its loader is a `StreamLoader`, which
 `accelerator.prepare` passes through untouched (accelerate would otherwise split the
 stream a second time) and which moves batches to the device itself.
+
+With aspect-ratio buckets (data.buckets), a map-style data set is read through a
+`BucketLoader`: a `BucketBatchSampler` (ldm.data.bucket_batches) makes each batch of one
+bucket and gives each process its own batches, so accelerate must not shard it again.
 """
 
 from typing import Iterator
@@ -18,8 +22,9 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import send_to_device
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 
+from ldm.data.bucket_batches import BucketBatchSampler
 from ldm.data.webdataset import ShardStream
 from ldm.errors import LdmError
 
@@ -54,14 +59,46 @@ class StreamLoader:
         return self.loader.dataset
 
     def __len__(self) -> int:
-        return len(self.dataset) // self.loader.batch_size  # full batches only
+        return self.dataset.batches_per_epoch  # full batches only (with buckets: see ShardStream)
 
     def set_position(self, epoch: int, skip_batches: int = 0) -> None:
-        self.dataset.set_position(epoch, skip_batches * self.loader.batch_size)
+        # A bucketed stream yields whole batches and skips them; a plain one skips samples.
+        self.dataset.set_position(epoch, skip_batches * (1 if self.dataset.bucketed else self.loader.batch_size))
 
     def __iter__(self):
         for batch in self.loader:
             yield batch if self.device is None else send_to_device(batch, self.device)
+
+
+class BucketLoader(StreamLoader):
+    """Batches of one aspect-ratio bucket each, this process's share, on `device` (see the module doc)."""
+
+    def __len__(self) -> int:
+        return len(self.loader.batch_sampler)
+
+    def set_position(self, epoch: int, skip_batches: int = 0) -> None:
+        self.loader.batch_sampler.set_position(epoch, skip_batches)
+
+
+def item_buckets(dataset):
+    """The bucket of each item of a bucketed map-style data set (through Subsets), or None when it has none."""
+    indices = None
+    while isinstance(dataset, Subset):
+        indices = dataset.indices if indices is None else [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    buckets = getattr(dataset, "item_buckets", None)
+    if buckets is None:
+        return None
+    return list(buckets) if indices is None else [buckets[i] for i in indices]
+
+
+def bucket_loader(dataset, buckets, batch_size: int, num_workers: int, seed: int) -> BucketLoader:
+    """This process's batches of a bucketed data set, in (seed, epoch) order."""
+    state = PartialState()
+    sampler = BucketBatchSampler(buckets, batch_size, seed, state.process_index, state.num_processes)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
+    return BucketLoader(loader, state.device)
 
 
 def stream_loader(dataset: ShardStream, batch_size: int, num_workers: int, seed: int) -> StreamLoader:
@@ -75,8 +112,9 @@ def stream_loader(dataset: ShardStream, batch_size: int, num_workers: int, seed:
         )
     # No persistent workers: each epoch's position is set on the data set before its workers start.
     # generator: as in train_loader, so that starting an iterator never draws from the training RNG.
-    loader = DataLoader(part, batch_size=batch_size, num_workers=num_workers, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+    # A bucketed stream yields whole batches (of one bucket each): the DataLoader does not batch them again.
+    batching = dict(batch_size=None) if part.bucketed else dict(batch_size=batch_size, drop_last=True)
+    loader = DataLoader(part, **batching, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     return StreamLoader(loader, state.device)
 
 
@@ -91,6 +129,9 @@ def train_loader(dataset, batch_size: int, num_workers: int, seed: int, num_proc
             f"the training set has {len(dataset)} images, fewer than one batch "
             f"(train.batch_size={batch_size} x {num_processes} processes): lower train.batch_size or add images"
         )
+    buckets = item_buckets(dataset)
+    if buckets is not None:
+        return bucket_loader(dataset, buckets, batch_size, num_workers, seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,

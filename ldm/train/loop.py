@@ -54,10 +54,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from accelerate.utils import set_seed
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldm.finite import check_finite_ema, check_finite_module
 from ldm.train.cadence import Cadence
-from ldm.data.skips import write_skip_report
+from ldm.data.skips import finish_skip_report, write_skip_report
 from ldm.errors import LdmError
 from ldm.train.checkpoint import TrainState, complete_checkpoints, start_or_resume
 from ldm.train.disk import writing
@@ -163,7 +164,8 @@ def training_loop(
     # Weights were drawn alike on every process; the training noise must differ between them.
     set_seed(train_cfg.seed, device_specific=True)
     run.start(accelerator, cfg, name)
-    write_skip_report(accelerator, run.dir, loader.dataset)  # bad captions skipped: skipped.jsonl and a summary
+    # Bad captions skipped: skipped.jsonl and a summary; images found unreadable later are appended to it.
+    write_skip_report(accelerator, run.dir, loader.dataset, resuming=checkpoint is not None)
     state, checkpoints = start_or_resume(
         accelerator, checkpoint, resume, run.checkpoints, len(loader), train_cfg.checkpoints_total_limit, ema, cfg
     )
@@ -201,8 +203,11 @@ def training_loop(
     data = batches_from(accelerator, loader, state.batches)
     steps, batches = state.step, state.batches
     nonfinite = 0  # non-finite steps in a row
-    # Ctrl-C / SIGTERM: stop after the step at hand (interrupt.py); a rank stuck in a phase ends the job (watchdog.py)
-    with stop_at_step_end(accelerator.num_processes) as stop, watching(accelerator, train_cfg) as watch:
+    # Ctrl-C / SIGTERM: stop after the step at hand (interrupt.py); a rank stuck in a phase ends the job
+    # (watchdog.py). Log records (a skipped image's warning, from this process or from a DataLoader worker
+    # forked inside the block) go through tqdm.write, above the progress bar instead of through it.
+    with stop_at_step_end(accelerator.num_processes) as stop, watching(accelerator, train_cfg) as watch, \
+            logging_redirect_tqdm():
         try:
             while steps < train_cfg.max_steps:
                 watch.mark(f"step {steps + 1}: loading the batch")
@@ -245,6 +250,7 @@ def training_loop(
     cadence.finish(state)
 
     accelerator.wait_for_everyone()
+    finish_skip_report(accelerator, run.dir, loader.dataset)  # with the images found unreadable, by any worker
     check_finite_module(net, "the final model", "nothing was saved; resume from the last checkpoint with a lower train.learning_rate")
     check_finite_ema(ema, "the final model", "nothing was saved; resume from the last checkpoint with a lower train.learning_rate")
     with writing("the final model", run.final):

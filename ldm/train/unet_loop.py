@@ -27,6 +27,7 @@ from ldm.codec import LatentCodec
 from ldm.config import save_config
 from ldm.cache import check_cache
 from ldm.data import build_dataset
+from ldm.data.buckets import with_bucket_step
 from ldm.data.cached import Cached, Encoded, cached_dataset
 from ldm.errors import LdmError
 from ldm.eval.during_training import build_training_eval
@@ -89,6 +90,8 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
             f"times: data.resolution must be a multiple of {factor * unet_factor}"
             + ("" if finetune else ", or use fewer model.block_out_channels")
         )
+    # data.buckets: bucket sides are multiples of the VAE's factor times the U-Net's (or of the step set).
+    cfg = replace(cfg, data=with_bucket_step(cfg.data, factor * unet_factor, "the VAE's times the U-Net's downsampling factor"))
     run = Run(cfg.train.output_dir)
     checkpoint = find_checkpoint(run.checkpoints, resume)
     # data.cache: the latent distributions and text hidden states from ldm-cache, checked to fit this config.

@@ -11,17 +11,21 @@ discriminator on the same images and their (detached) reconstructions, as Lightn
 runs LDM's two optimizers.
 """
 
+import itertools
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from torchvision.utils import save_image
 
 from ldm.autoencoder import build_vae, downsampling_factor, measure_latent_stats
+from ldm.config import BucketConfig
 from ldm.data import build_dataset
+from ldm.data.bucket_batches import BucketBatchSampler
+from ldm.data.buckets import with_bucket_step
 from ldm.discriminator import NLayerDiscriminator, logit_map_size
 from ldm.errors import LdmError
 from ldm.finite import check_finite_number
@@ -29,7 +33,7 @@ from ldm.image_metrics import SSIM_WINDOW, mean_absolute_error, psnr, ssim
 from ldm.lpips import LPIPS
 from ldm.train.checkpoint import find_checkpoint
 from ldm.train.ema import build_ema
-from ldm.train.loader import EpochShuffle, train_loader
+from ldm.train.loader import EpochShuffle, item_buckets, train_loader
 from ldm.train.loop import Step, Update, training_loop
 from ldm.train.optim import build_lr_scheduler, build_optimizer
 from ldm.train.run import Run, check_train_config, make_accelerator, replace_folder, staging_folder
@@ -73,8 +77,14 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
     checkpoint = find_checkpoint(run.checkpoints, resume)
     if checkpoint is not None:
         check_checkpoint_parts(checkpoint, cfg.loss.discriminator_start is not None, cfg.ema.enabled)
-    train_set = build_dataset(cfg.data, "train")
+    # data.buckets: bucket sides are multiples of the VAE's factor (or of the step set, checked against it).
+    data = with_bucket_step(cfg.data, downsampling_factor(cfg.model.block_out_channels), "the VAE's downsampling factor")
+    train_set = build_dataset(data, "train")
     val_set = build_dataset(cfg.data, "validation") if cfg.data.num_validation > 0 else None
+    # The reconstruction grid: the held-out images, else square training images (bucketed ones differ in shape).
+    grid_set = val_set if val_set is not None else train_set
+    if grid_set is train_set and cfg.data.buckets.enabled:
+        grid_set = build_dataset(replace(cfg.data, buckets=BucketConfig()), "train")
     accelerator = make_accelerator(cfg.train, run)
     loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator.num_processes)
 
@@ -125,7 +135,6 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
     def validate(step: int) -> dict:
         """PSNR, SSIM and MAE of the validation split, and a reconstruction grid."""
         metrics = validation_metrics(vae, val_set, cfg.train.batch_size) if val_set is not None else {}
-        grid_set = val_set if val_set is not None else train_set
         save_reconstructions(vae, grid_set, cfg.validation.grid_images, run.samples / f"step-{step:06d}.png")
         return metrics
 
@@ -225,8 +234,15 @@ def grad_scale(accelerator) -> float:
 
 
 def scale_batches(dataset, batch_size: int, seed: int):
-    """Image batches in a seeded random order, for measuring latent statistics."""
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed))
+    """Image batches in a seeded random order, for measuring latent statistics (of one bucket each, with buckets)."""
+    buckets = item_buckets(dataset)
+    if isinstance(dataset, IterableDataset):  # webdataset shards: the stream's first batches, of one bucket each with buckets
+        stream = dataset.for_process(0, 1, batch_size, seed)
+        loader = stream if stream.bucketed else DataLoader(stream, batch_size=batch_size)
+    elif buckets is not None:
+        loader = DataLoader(dataset, batch_sampler=BucketBatchSampler(buckets, batch_size, seed))
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed))
     return (batch["pixel_values"] for batch in loader)
 
 
@@ -249,8 +265,11 @@ def validation_metrics(vae, val_set, batch_size: int) -> dict:
 
 
 def save_reconstructions(vae, dataset, images: int, path: Path) -> None:
-    """A grid: the first `images` images of `dataset` on top, their reconstructions below."""
-    x = torch.stack([dataset[i]["pixel_values"] for i in range(min(images, len(dataset)))])
+    """A grid: the first `images` images of `dataset` (a map-style data set or a stream) on top, their reconstructions below."""
+    if isinstance(dataset, IterableDataset):
+        x = torch.stack([item["pixel_values"] for item in itertools.islice(iter(dataset), images)])
+    else:
+        x = torch.stack([dataset[i]["pixel_values"] for i in range(min(images, len(dataset)))])
     x_hat = reconstruct(vae, x).float().cpu().clamp(-1, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image((torch.cat([x, x_hat]) + 1) / 2, str(path), nrow=len(x), padding=1)
