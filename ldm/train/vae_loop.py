@@ -75,7 +75,8 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
         check_checkpoint_parts(checkpoint, cfg.loss.discriminator_start is not None, cfg.ema.enabled)
     train_set = build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "validation") if cfg.data.num_validation > 0 else None
-    accelerator = make_accelerator(cfg.train, run)
+    trained = ("autoencoder", "discriminator") if cfg.loss.discriminator_start is not None else ("autoencoder",)
+    accelerator = make_accelerator(cfg.train, run, "stage 1", trained)
     loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator.num_processes)
 
     # ---- 2. Models and optimizers; Accelerate wraps them for the devices and precision at hand.
