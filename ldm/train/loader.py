@@ -53,6 +53,11 @@ class StreamLoader:
     def dataset(self) -> ShardStream:
         return self.loader.dataset
 
+    @property
+    def batch_size(self) -> int:
+        """Per process, as a DataLoader's (what DeepSpeed's `auto` micro-batch is; distributed.fill_micro_batch)."""
+        return self.loader.batch_size
+
     def __len__(self) -> int:
         return len(self.dataset) // self.loader.batch_size  # full batches only
 
