@@ -101,6 +101,35 @@ def test_the_shipped_deepspeed_configs_auto_micro_batch_is_the_trainers_batch_si
     assert StreamLoader(DataLoader(list(range(8)), batch_size=4)).batch_size == 4
 
 
+def test_under_deepspeed_a_nonfinite_loss_never_reaches_the_engine():
+    """Accelerate's DeepSpeed backward runs the engine's optimizer step itself, before the loop's
+    non-finite check: a NaN loss is stopped before backward, on every process, weights untouched."""
+    import torch
+
+    from ldm.train.loop import Update, apply_update
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    engine_steps = []
+
+    def backward(loss):  # as accelerate's DeepSpeedEngineWrapper.backward: the engine's backward, then its step
+        loss.backward()
+        optimizer.step()
+        engine_steps.append(1)
+
+    reduced = []
+    engine = SimpleNamespace(distributed_type=DEEPSPEED, sync_gradients=True, scaler=None, backward=backward,
+                             reduce=lambda t, op: reduced.append(op) or t, clip_grad_norm_=lambda p, n: None)
+    # What the loop holds under DeepSpeed: accelerate's optimizer and scheduler wrappers, whose steps are no-ops.
+    wrapped = SimpleNamespace(step=lambda: None, zero_grad=lambda set_to_none=True: None,
+                              param_groups=optimizer.param_groups)
+    scheduler = SimpleNamespace(step=lambda: None)
+    assert not apply_update(engine, Update((weight * float("nan")).sum(), wrapped, scheduler), 1.0)
+    assert engine_steps == [] and torch.equal(weight.detach(), torch.ones(2)) and reduced == ["sum"]
+    assert apply_update(engine, Update((weight * 2).sum(), wrapped, scheduler), 1.0)
+    assert engine_steps == [1] and torch.allclose(weight.detach(), torch.full((2,), 0.8))
+
+
 @pytest.mark.parametrize("kind", [DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
                                   DistributedType.DEEPSPEED])
 def test_whole_parameter_types_pass(kind):

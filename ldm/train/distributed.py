@@ -20,6 +20,7 @@ without launching DeepSpeed or FSDP (tests/test_distributed_type.py).
 
 from typing import Optional, Sequence
 
+import torch
 from accelerate.utils import DistributedType
 
 from ldm.errors import LdmError
@@ -73,3 +74,19 @@ def fill_micro_batch(deepspeed_plugin, batch_size: int) -> None:
     config = deepspeed_plugin.deepspeed_config
     if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         config["train_micro_batch_size_per_gpu"] = batch_size
+
+
+def deepspeed_nonfinite_loss(accelerator, loss) -> bool:
+    """Under DeepSpeed: is `loss` NaN/inf on any process? (False elsewhere.)
+
+    Accelerate's DeepSpeed backward runs the engine's optimizer step itself, before the
+    loop's non-finite check on the loss and gradient norm (loop.apply_update) could skip
+    it; so under DeepSpeed the loss is judged before backward, and every process skips the
+    backward (and so the step) together. Exact with train.gradient_accumulation_steps=1
+    (the shipped config); a non-finite gradient with a finite loss still reaches the
+    engine (DeepSpeed's fp16 loss scaler skips those steps itself; bf16 has no such check).
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    bad = (~torch.isfinite(loss.detach().float()).all()).float().reshape(1)
+    return bool(accelerator.reduce(bad, "sum").item() > 0)

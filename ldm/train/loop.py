@@ -61,6 +61,7 @@ from ldm.data.skips import write_skip_report
 from ldm.errors import LdmError
 from ldm.train.checkpoint import TrainState, complete_checkpoints, start_or_resume
 from ldm.train.disk import writing
+from ldm.train.distributed import deepspeed_nonfinite_loss
 from ldm.train.ema import ema_weights
 from ldm.train.interrupt import stop_at_step_end
 from ldm.train.loader import batches_from
@@ -104,6 +105,8 @@ def apply_update(accelerator, update: Update, max_grad_norm: float) -> bool:
     weights stay as they were. Under fp16 the grad scaler finds inf/NaN gradients itself
     (and must see them to lower its scale): its skipped steps are reported the same way.
     """
+    if deepspeed_nonfinite_loss(accelerator, update.loss):
+        return False  # DeepSpeed's engine steps inside backward, past the checks below: a non-finite loss stops here
     accelerator.backward(update.loss)
     if not accelerator.sync_gradients:
         update.optimizer.step()  # no-ops while gradients accumulate
