@@ -8,6 +8,9 @@ checkpoint run code. checkpoint.json adds where the loop stands: the optimizer s
 how many batches each process has drawn, from which a resume finds its place in the data
 order (see loader.py). manifest.json (manifest.py), written last, lists every file with
 its size and sha256: a checkpoint is checked as a whole before anything is restored.
+Under FSDP2 save_state writes the model and optimizer as sharded folders (one file per
+process); the EMA's shards are gathered and ema.safetensors holds whole tensors as
+under DDP, each process taking its shard back on load (fsdp.py).
 
 Only complete checkpoints count: a checkpoint is written into a hidden temporary
 folder, flushed to disk and renamed once everything is there, so a crash mid-save
@@ -153,7 +156,8 @@ def save_checkpoint(accelerator, folder, state: TrainState, batches_per_epoch: i
     try:
         with writing("checkpoint", tmp):
             accelerator.save_state(str(tmp))
-        shadow = gathered_shadow(ema) if is_fsdp(accelerator) else None  # every process: FSDP shards are gathered
+        # Every process joins: FSDP shards are gathered onto the main process, which writes them.
+        shadow = gathered_shadow(ema, keep=accelerator.is_main_process) if is_fsdp(accelerator) else None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with writing("checkpoint", tmp):

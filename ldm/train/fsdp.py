@@ -111,11 +111,17 @@ def reshard(model) -> None:
             module.reshard()
 
 
-def gathered_shadow(ema) -> Optional[list]:
-    """The EMA's shadow weights as whole CPU tensors (every process must call it: DTensors are gathered)."""
+def gathered_shadow(ema, keep: bool = True) -> Optional[list]:
+    """The EMA's shadow weights as whole CPU tensors (every process must call it: DTensors are gathered,
+    one at a time); `keep=False` (the processes that do not write) joins the gathers and keeps nothing."""
     if ema is None:
         return None
-    return [(t.full_tensor() if is_dtensor(t) else t).detach().cpu() for t in ema.shadow_params]
+    shadow = []
+    for tensor in ema.shadow_params:
+        whole = (tensor.full_tensor() if is_dtensor(tensor) else tensor).detach()
+        if keep:
+            shadow.append(whole.cpu())
+    return shadow if keep else None
 
 
 def like(whole: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
