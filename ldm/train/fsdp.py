@@ -28,7 +28,7 @@ over a CPU device mesh, gloo collectives): that is how the tests run it.
 
 import copy
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from accelerate.state import PartialState
