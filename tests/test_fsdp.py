@@ -80,6 +80,18 @@ def test_the_shipped_config_asks_for_fsdp2_with_sharded_checkpoints():
     assert env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
 
 
+def test_an_uneven_held_out_split_is_refused_under_fsdp():
+    """Every forward on the shards gathers from every process: each must run as many held-out batches."""
+    from ldm.errors import LdmError
+    from ldm.train.fsdp import check_even_shares
+
+    check_even_shares(4, 2, 1, "the held-out validation loss")  # 2 + 2 batches
+    check_even_shares(5, 2, 8, "the held-out validation loss")  # 3 and 2 items: one batch each
+    with pytest.raises(LdmError, match=r"\[1, 2\] batches: use a multiple of 4 items") as info:
+        check_even_shares(5, 2, 2, "the held-out validation loss")  # 3 items = 2 batches, 2 items = 1 batch
+    assert "\n" not in str(info.value)
+
+
 def test_stage2_trains_sharded_in_two_processes(unet_fsdp):
     _, _, reports = unet_fsdp
     for phase in ("straight", "resumed"):
