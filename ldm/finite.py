@@ -15,11 +15,23 @@ from ldm.errors import LdmError
 
 
 def first_nonfinite(named: Iterable) -> Optional[str]:
-    """The name of the first (name, tensor) pair holding a NaN or inf, or None."""
+    """The name of the first (name, tensor) pair holding a NaN or inf, or None.
+
+    A DTensor (an FSDP2 shard) is judged on every process's shard alike, so that all
+    processes name the same tensor (every process must call this for the same tensors).
+    """
     for name, tensor in named:
-        if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor is not None and tensor.is_floating_point() and not all_finite(tensor):
             return name
     return None
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    if not hasattr(tensor, "device_mesh"):
+        return bool(torch.isfinite(tensor).all())
+    ok = torch.isfinite(tensor.to_local()).all().to(torch.int32).reshape(1)
+    torch.distributed.all_reduce(ok, torch.distributed.ReduceOp.MIN, group=tensor.device_mesh.get_group())
+    return bool(ok.item())
 
 
 def check_finite_module(module: torch.nn.Module, what: str, fix: str) -> None:

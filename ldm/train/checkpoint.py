@@ -8,6 +8,9 @@ checkpoint run code. checkpoint.json adds where the loop stands: the optimizer s
 how many batches each process has drawn, from which a resume finds its place in the data
 order (see loader.py). manifest.json (manifest.py), written last, lists every file with
 its size and sha256: a checkpoint is checked as a whole before anything is restored.
+Under FSDP2 save_state writes the model and optimizer as sharded folders (one file per
+process); the EMA's shards are gathered and ema.safetensors holds whole tensors as
+under DDP, each process taking its shard back on load (fsdp.py).
 
 Only complete checkpoints count: a checkpoint is written into a hidden temporary
 folder, flushed to disk and renamed once everything is there, so a crash mid-save
@@ -29,6 +32,7 @@ from ldm.errors import LdmError
 from ldm.finite import check_finite_ema, check_finite_module
 from ldm.train.changes import CONFIG, apply_changes, check_changes
 from ldm.train.disk import check_free_space, writing
+from ldm.train.fsdp import gathered_shadow, is_fsdp, like
 from ldm.train.manifest import problem_of, write_manifest
 from ldm.train.run import replace_folder, staging_folder
 
@@ -95,10 +99,14 @@ def verified(path: Path) -> Path:
     raise LdmError(f"checkpoint {path} cannot be restored: {name} is {what}; nothing was restored; {offer}")
 
 
-def save_ema(ema, folder: Path) -> None:
-    """The EMA as ema.safetensors (shadow weights, in parameter order) + ema.json (its counters)."""
+def save_ema(ema, folder: Path, shadow=None) -> None:
+    """The EMA as ema.safetensors (shadow weights, in parameter order) + ema.json (its counters).
+
+    `shadow`: the whole shadow weights when they were gathered from FSDP shards (fsdp.gathered_shadow).
+    """
     state = ema.state_dict()
-    shadow = state.pop("shadow_params")
+    own = state.pop("shadow_params")
+    shadow = own if shadow is None else shadow
     save_file({f"shadow.{i}": t.detach().contiguous().cpu() for i, t in enumerate(shadow)}, str(folder / EMA_WEIGHTS))
     (folder / EMA_INFO).write_text(json.dumps({**state, "num_shadow_params": len(shadow)}, indent=2))
 
@@ -128,7 +136,8 @@ def load_ema(ema, folder: Path) -> None:
                 "the model settings differ from that run's"
             )
     state = {k: info[k] for k in counters}
-    state["shadow_params"] = [tensors[k] for k in expected]
+    # Under FSDP each process keeps its own shard of each whole tensor saved (fsdp.py).
+    state["shadow_params"] = [like(tensors[k], current) for k, current in zip(expected, ema.shadow_params)]
     try:
         ema.load_state_dict(state)
     except ValueError as e:
@@ -147,10 +156,12 @@ def save_checkpoint(accelerator, folder, state: TrainState, batches_per_epoch: i
     try:
         with writing("checkpoint", tmp):
             accelerator.save_state(str(tmp))
+        # Every process joins: FSDP shards are gathered onto the main process, which writes them.
+        shadow = gathered_shadow(ema, keep=accelerator.is_main_process) if is_fsdp(accelerator) else None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with writing("checkpoint", tmp):
-                finish_checkpoint(tmp, final, state, batches_per_epoch, ema, cfg)
+                finish_checkpoint(tmp, final, state, batches_per_epoch, ema, cfg, shadow)
     except LdmError:
         shutil.rmtree(tmp, ignore_errors=True)  # give back the space a half-written checkpoint took
         raise
@@ -162,10 +173,11 @@ def save_checkpoint(accelerator, folder, state: TrainState, batches_per_epoch: i
     return final
 
 
-def finish_checkpoint(tmp: Path, final: Path, state: TrainState, batches_per_epoch: int, ema, cfg) -> None:
+def finish_checkpoint(tmp: Path, final: Path, state: TrainState, batches_per_epoch: int, ema, cfg,
+                      shadow=None) -> None:
     """The main process's part: EMA, config, checkpoint.json, the manifest last, then the rename that publishes it."""
     if ema is not None:
-        save_ema(ema, tmp)
+        save_ema(ema, tmp, shadow)
     if cfg is not None:  # what a resume is compared with (changes.py)
         save_config(cfg, tmp / CONFIG)
     (tmp / INFO).write_text(json.dumps({**asdict(state), "batches_per_epoch": batches_per_epoch}, indent=2))

@@ -37,6 +37,7 @@ from ldm.objectives import build_objective, drop_captions
 from ldm.text_encoder import encode_text, tokenize
 from ldm.train.checkpoint import find_checkpoint
 from ldm.train.ema import build_ema
+from ldm.train.fsdp import check_even_shares, fsdp_parts, is_fsdp
 from ldm.train.loader import train_loader
 from ldm.train.loop import Step, Update, training_loop
 from ldm.train.optim import build_lr_scheduler, build_optimizer
@@ -83,7 +84,8 @@ def train_control(cfg, resume: Optional[str] = None) -> Path:
     val_set = build_dataset(cfg.data, "validation") if cfg.data.num_validation > 0 else train_set
     if val_set is train_set and cfg.data.buckets.enabled:
         val_set = build_dataset(replace(cfg.data, buckets=BucketConfig()), "train")
-    accelerator = make_accelerator(cfg.train, run)
+    kind = "ControlNet" if cfg.control.kind == "controlnet" else "T2I-Adapter"
+    accelerator = make_accelerator(cfg.train, run, "the control stage", (kind,))
     loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator.num_processes)
 
     # ---- 2. Models: the base frozen in the mixed-precision dtype, the control model trained in float32.
@@ -91,15 +93,16 @@ def train_control(cfg, resume: Optional[str] = None) -> Path:
     vae, text_encoder, tokenizer, unet = base.vae, base.text_encoder, base.tokenizer, base.unet
     control = build_control_model(cfg.control, unet, factor)
     check_fits_base(control, unet, factor, cfg)
-    ema = build_ema(control, cfg.ema)
     weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
     for frozen in (vae, text_encoder, unet):
         frozen.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
     control.train()
     optimizer = build_optimizer(control.parameters(), cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
+    full = fsdp_parts(accelerator, control)  # FSDP: the main process's whole copy, for validation and the final save
     control, optimizer, loader, lr_scheduler = accelerator.prepare(control, optimizer, loader, lr_scheduler)
     net = accelerator.unwrap_model(control)
+    ema = build_ema(net, cfg.ema)  # after prepare: under FSDP over each process's shards (fsdp.py)
     codec = LatentCodec(vae)
 
     def step(batch, step_: int) -> Step:
@@ -114,6 +117,9 @@ def train_control(cfg, resume: Optional[str] = None) -> Path:
         return Step([Update(loss, optimizer, lr_scheduler, clip=control.parameters())], len(z0), {"loss": loss})
 
     val_loss = build_validation_loss(cfg.validation, cfg.data, objective, accelerator.print)
+    if val_loss is not None and is_fsdp(accelerator):
+        check_even_shares(len(val_loss.dataset), accelerator.num_processes, val_loss.batch_size,
+                          "the held-out validation loss (data.num_validation)")
 
     def held_out(batch):
         """A held-out batch as the objective's (net, z0, context): posterior mean, real captions, real controls."""
@@ -128,13 +134,17 @@ def train_control(cfg, resume: Optional[str] = None) -> Path:
         with accelerator.autocast():
             return val_loss(held_out, ema=ema)
 
+    def whole():
+        """The control model with whole weights: under FSDP the main process's gathered copy."""
+        return full.module if full is not None else net
+
     def pipeline():
         """The base pipeline steered by the control model being trained."""
         from ldm.pipeline import LatentDiffusionPipeline
 
         return LatentDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=objective.sampling_scheduler(), **{control_argument(net): net},
+            scheduler=objective.sampling_scheduler(), **{control_argument(net): whole()},
         )
 
     def validate(step_: int):
@@ -145,7 +155,7 @@ def train_control(cfg, resume: Optional[str] = None) -> Path:
     def save(step_: int):
         """The control model folder (EMA weights when enabled), loadable by diffusers as it is."""
         tmp = staging_folder(run.final)
-        net.save_pretrained(str(tmp))
+        whole().save_pretrained(str(tmp))
         save_config(cfg, tmp / "ldm_control.yaml")
         replace_folder(tmp, run.final)
         accelerator.print(f"final {cfg.control.kind} in {run.final}")
@@ -153,7 +163,7 @@ def train_control(cfg, resume: Optional[str] = None) -> Path:
     training_loop(
         accelerator, run, cfg, loader, checkpoint, resume, name="control", unit="samples",
         trained=[control], net=net, ema=ema, lr_scheduler=lr_scheduler, step=step, validate=validate, save=save,
-        evaluate=evaluate if val_loss is not None else None,
+        evaluate=evaluate if val_loss is not None else None, full=full,
     )
     return run.final
 

@@ -58,6 +58,11 @@ class StreamLoader:
     def dataset(self) -> ShardStream:
         return self.loader.dataset
 
+    @property
+    def batch_size(self) -> int:
+        """Per process, as a DataLoader's (what DeepSpeed's `auto` micro-batch is; distributed.fill_micro_batch)."""
+        return self.loader.batch_size
+
     def __len__(self) -> int:
         return self.dataset.batches_per_epoch  # full batches only (with buckets: see ShardStream)
 

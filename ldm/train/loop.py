@@ -62,6 +62,7 @@ from ldm.data.skips import finish_skip_report, write_skip_report
 from ldm.errors import LdmError
 from ldm.train.checkpoint import TrainState, complete_checkpoints, start_or_resume
 from ldm.train.disk import writing
+from ldm.train.distributed import deepspeed_nonfinite_loss
 from ldm.train.ema import ema_weights
 from ldm.train.interrupt import stop_at_step_end
 from ldm.train.loader import batches_from
@@ -106,6 +107,8 @@ def apply_update(accelerator, update: Update, max_grad_norm: float) -> bool:
     weights stay as they were. Under fp16 the grad scaler finds inf/NaN gradients itself
     (and must see them to lower its scale): its skipped steps are reported the same way.
     """
+    if deepspeed_nonfinite_loss(accelerator, update.loss):
+        return False  # DeepSpeed's engine steps inside backward, past the checks below: a non-finite loss stops here
     accelerator.backward(update.loss)
     if not accelerator.sync_gradients:
         update.optimizer.step()  # no-ops while gradients accumulate
@@ -114,6 +117,7 @@ def apply_update(accelerator, update: Update, max_grad_norm: float) -> bool:
         return True
     if update.clip is not None:
         norm = accelerator.clip_grad_norm_(update.clip, max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
     else:
         grads = [p.grad for group in update.optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else None
@@ -146,7 +150,7 @@ def training_loop(
     accelerator, run, cfg, loader, checkpoint, resume: Optional[str], *, name: str, unit: str,
     trained: Sequence[torch.nn.Module], net: torch.nn.Module, ema, lr_scheduler,
     step: Callable[[dict, int], Step], validate: Callable[[int], Records], save: Callable[[int], Records],
-    evaluate: Optional[Callable[[int, bool], Records]] = None,
+    evaluate: Optional[Callable[[int, bool], Records]] = None, full=None,
 ) -> TrainState:
     """Train to `cfg.train.max_steps` (or the time budget), then `save`; returns the last state.
 
@@ -157,6 +161,8 @@ def training_loop(
     `net`: the unwrapped module the EMA averages (`ema`, or None) and validation evaluates.
     `lr_scheduler`: the schedule whose learning rate is logged.
     `evaluate`: None, or metrics taken on every process (see the module doc).
+    `full`: under FSDP, the main process's whole copy of `net` (fsdp.FullWeights) that
+    `validate` and `save` use; every process joins its gather of the EMA weights first.
     """
     train_cfg = cfg.train
     if ema is not None:
@@ -173,12 +179,18 @@ def training_loop(
 
     def on_main(function: Callable[[int], Records], step_: int) -> None:
         """`function(step_)` on the main process with the EMA weights, in eval mode, the RNG untouched."""
+        model = net
+        if full is not None:  # FSDP: every process gathers the EMA weights into the main process's whole copy
+            with ema_weights(ema, net):
+                model = full.gather(net)
         if accelerator.is_main_process:
-            with ema_weights(ema, net), rng_untouched(accelerator.device):
-                training = net.training
-                net.eval()
+            with ema_weights(ema if full is None else None, model), rng_untouched(accelerator.device):
+                training = model.training
+                model.eval()
                 records = function(step_)
-                net.train(training)
+                model.train(training)
+            if full is not None:
+                full.release()
             if records:
                 report.write(step_, **records)
         accelerator.wait_for_everyone()

@@ -10,8 +10,10 @@ untrusted input: it may have been copied from anywhere).
 """
 
 import hashlib
+import io
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Dict
 
@@ -19,6 +21,30 @@ from ldm.errors import LdmError
 
 MANIFEST = "manifest.json"
 TORCH_FILES = (".bin", ".pt", ".pth", ".pkl")  # accelerate's torch.save files: tensors and plain data only
+# An FSDP checkpoint's sharded folders (torch.distributed.checkpoint): *.distcp data files, read by
+# torch with weights_only=True, and one .metadata file that torch reads with plain pickle.load.
+DCP_METADATA = ".metadata"
+
+
+class DcpMetadataUnpickler(pickle.Unpickler):
+    """Reads a torch.distributed.checkpoint .metadata file allowing only the classes such a file holds
+    (its dataclasses, torch.Size, dtypes, paths): a crafted one is refused before torch unpickles it."""
+
+    DCP = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    NAMES = {"Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata",
+             "TensorProperties", "StorageMeta", "_StorageInfo", "_MEM_FORMAT_ENCODING"}
+
+    def find_class(self, module, name):
+        import torch
+
+        if module in self.DCP and name in self.NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                              ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
 
 
 def sha256(path: Path) -> str:
@@ -87,7 +113,7 @@ def problem_of(folder: Path) -> "tuple[str, str] | None":
         if sha256(path) != entry["sha256"]:
             return name, "its sha256 does not match the manifest (corrupt)"
     for name, path in present.items():
-        if "/" in name:
+        if "/" in name and path.name != DCP_METADATA:
             continue  # a sharded or DeepSpeed state folder: read by its own loader (hash-checked above)
         problem = format_problem(path)
         if problem:
@@ -105,11 +131,13 @@ def format_problem(path: Path) -> "str | None":
                 list(f.keys())
         elif path.suffix == ".json":
             json.loads(path.read_text())
+        elif path.name == DCP_METADATA:
+            DcpMetadataUnpickler(io.BytesIO(path.read_bytes())).load()
         elif path.suffix in TORCH_FILES:
             from accelerate.utils import load  # torch.load with weights_only=True and accelerate's safe globals
 
             load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is the refusal; the reason is kept short
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        return f"unreadable as {path.suffix} ({type(e).__name__}: {reason}); nothing is unpickled beyond plain tensors"
+        return f"unreadable as {path.suffix or path.name} ({type(e).__name__}: {reason}); nothing is unpickled beyond plain tensors"
     return None

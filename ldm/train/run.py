@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from ldm.config import save_config
 from ldm.errors import LdmError
 from ldm.train.disk import writing
+from ldm.train.distributed import check_distributed_type, fill_micro_batch  # noqa: F401 - re-exported
+from ldm.train.fsdp import fsdp_on_cpu
 from ldm.train.optim import check_optim_config
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -76,8 +78,13 @@ class Run:
         accelerator.init_trackers(tracker)
 
 
-def make_accelerator(cfg, run: Run) -> Accelerator:
-    """Accelerate does the plumbing only: devices, DDP/DeepSpeed, mixed precision, accumulation."""
+def make_accelerator(cfg, run: Run, stage: str = "stage 2", trained: Sequence[str] = ("U-Net",),
+                     lora: bool = False) -> Accelerator:
+    """Accelerate does the plumbing only: devices, DDP/FSDP2/DeepSpeed, mixed precision, accumulation.
+
+    `stage` and `trained` (the names of the models it trains), `lora`: what distributed.py
+    decides from, before anything is built.
+    """
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -87,24 +94,11 @@ def make_accelerator(cfg, run: Run) -> Accelerator:
         # checkpoints; the default 10-30 min collective timeout can kill a big job there.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.process_group_timeout_minutes))],
     )
-    check_distributed_type(accelerator)
+    fsdp_on_cpu(accelerator)  # Accelerate leaves FSDP off on CPUs (fsdp.py)
+    check_distributed_type(accelerator, stage, trained, lora)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        fill_micro_batch(accelerator.state.deepspeed_plugin, cfg.batch_size)
     return accelerator
-
-
-def check_distributed_type(accelerator: Accelerator) -> None:
-    """Refuse FSDP up front rather than hang or save a shard hours in.
-
-    The loops keep a full-parameter EMA, sample validation grids on the main process
-    alone and save the final model from it: all three need whole parameters, which FSDP
-    gathers only when every process joins in. DDP and DeepSpeed ZeRO-2 keep whole
-    parameters on every process.
-    """
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise LdmError(
-            "FSDP is not supported by the training loops yet (EMA, validation and the final save need whole "
-            "parameters): launch with configs/accelerate/multi_gpu.yaml (DDP) or deepspeed_zero2.yaml, "
-            "with train.gradient_checkpointing=true and train.mixed_precision=bf16 to save memory"
-        )
 
 
 class Reporter:

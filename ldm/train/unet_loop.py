@@ -38,6 +38,7 @@ from ldm.objectives import build_objective, drop_captions
 from ldm.speed import apply_speed_levers
 from ldm.text_encoder import build_text_encoder, enable_gradient_checkpointing, hidden_size
 from ldm.train.checkpoint import find_checkpoint
+from ldm.train.fsdp import check_even_shares, fsdp_parts, is_fsdp
 from ldm.train.ema import build_ema, trained_parameters
 from ldm.train.init_from import check_init_folder, folder_objective, folder_unet_config, load_init_pipeline, reconcile_objective
 from ldm.train.loader import train_loader
@@ -97,7 +98,8 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     # data.cache: the latent distributions and text hidden states from ldm-cache, checked to fit this config.
     cache = check_cache(cfg, vae) if cfg.data.cache else None
     train_set = build_dataset(cfg.data, "train") if cache is None else cached_dataset(cfg, cache)
-    accelerator = make_accelerator(cfg.train, run)
+    train_text = cfg.text_encoder.trainable or (lora and cfg.lora.text_encoder)
+    accelerator = make_accelerator(cfg.train, run, "stage 2", ("U-Net", "text encoder") if train_text else ("U-Net",), lora)
     # validation.eval_every: its weight files are loaded (and checked) now, before training.
     training_eval = build_training_eval(cfg.validation, cfg.data, accelerator.device)
     loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator.num_processes)
@@ -118,7 +120,6 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
         check_components(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
     else:
         unet = build_unet(cfg.model, latent_size, vae.config.latent_channels, hidden_size(text_encoder))
-    train_text = cfg.text_encoder.trainable or (lora and cfg.lora.text_encoder)
     weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]  # frozen models run in it; trained ones stay fp32
     vae.requires_grad_(False).eval()
     codec = LatentCodec(vae)
@@ -133,7 +134,6 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
             add_lora(text_encoder, cfg.lora, cfg.lora.text_encoder_target_modules, "text encoder")
         cast_training_params([unet, text_encoder], torch.float32)
     apply_speed_levers(unet, cfg.train.speed)  # train.speed: channels_last, torch.compile (off by default)
-    ema = build_ema(unet, cfg.ema)  # over what trains: the whole U-Net, or its adapters
     text_encoder.train(train_text)
     unet.train()
     if cfg.train.gradient_checkpointing:
@@ -143,6 +143,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     params = trained_parameters(unet.parameters()) + (trained_parameters(text_encoder.parameters()) if train_text else [])
     optimizer = build_optimizer(params, cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
+    full = fsdp_parts(accelerator, unet)  # FSDP: the main process's whole copy, for validation and the final save
     if train_text:
         unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, loader, lr_scheduler)
     else:
@@ -155,6 +156,11 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     if cache is not None:
         inputs = Cached(cfg.data.cache, cache, cfg.data.random_flip, inputs, accelerator.device)
     net = accelerator.unwrap_model(unet)  # what the EMA averages
+    # Built after prepare: under FSDP it averages each process's shards (fsdp.py); elsewhere the same weights.
+    ema = build_ema(net, cfg.ema)  # over what trains: the whole U-Net, or its adapters
+    # The prepared parameters (FSDP2 replaces them with sharded ones): what clipping sees.
+    params = trained_parameters(net.parameters()) + (
+        trained_parameters(accelerator.unwrap_model(text_encoder).parameters()) if train_text else [])
 
     def pipeline():
         """The model as a sampling pipeline (shares the training modules' weights)."""
@@ -162,7 +168,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
 
         return LatentDiffusionPipeline(
             vae=vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
-            unet=accelerator.unwrap_model(unet), scheduler=scheduler or objective.sampling_scheduler(),
+            unet=full.module if full is not None else net, scheduler=scheduler or objective.sampling_scheduler(),
         )
 
     def denoiser(x, timestep, context):
@@ -180,6 +186,9 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
 
     # ---- 4. Validation: the held-out loss on every process (raw and EMA weights), a grid on the main one.
     val_loss = build_validation_loss(cfg.validation, cfg.data, objective, accelerator.print)
+    if val_loss is not None and is_fsdp(accelerator):
+        check_even_shares(len(val_loss.dataset), accelerator.num_processes, val_loss.batch_size,
+                          "the held-out validation loss (data.num_validation)")
     held_out = text_to_image_inputs(codec, accelerator.unwrap_model(text_encoder), tokenizer, net, accelerator.device)
 
     def evaluate(step: int, ema: bool) -> dict:
@@ -216,7 +225,7 @@ def train_unet(cfg, resume: Optional[str] = None) -> Path:
     training_loop(
         accelerator, run, cfg, loader, checkpoint, resume, name="unet", unit="samples", trained=trained, net=net,
         ema=ema, lr_scheduler=lr_scheduler, step=train_step, validate=validate, save=save,
-        evaluate=evaluate if val_loss is not None else None,
+        evaluate=evaluate if val_loss is not None else None, full=full,
     )
     return run.final
 

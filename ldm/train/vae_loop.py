@@ -85,7 +85,8 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
     grid_set = val_set if val_set is not None else train_set
     if grid_set is train_set and cfg.data.buckets.enabled:
         grid_set = build_dataset(replace(cfg.data, buckets=BucketConfig()), "train")
-    accelerator = make_accelerator(cfg.train, run)
+    trained = ("autoencoder", "discriminator") if cfg.loss.discriminator_start is not None else ("autoencoder",)
+    accelerator = make_accelerator(cfg.train, run, "stage 1", trained)
     loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, accelerator.num_processes)
 
     # ---- 2. Models and optimizers; Accelerate wraps them for the devices and precision at hand.
