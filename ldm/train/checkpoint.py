@@ -29,7 +29,7 @@ from ldm.errors import LdmError
 from ldm.finite import check_finite_ema, check_finite_module
 from ldm.train.changes import CONFIG, apply_changes, check_changes
 from ldm.train.disk import check_free_space, writing
-from ldm.train.manifest import problem_of, write_manifest
+from ldm.train.manifest import MANIFEST, problem_of, write_manifest
 from ldm.train.run import replace_folder, staging_folder
 
 INFO = "checkpoint.json"
@@ -44,9 +44,15 @@ class TrainState:
 
 
 def complete_checkpoints(folder) -> List[Path]:
-    """The complete checkpoints in `folder`, oldest first."""
+    """The complete checkpoints in `folder`, oldest first.
+
+    A step-N folder gets its name only once written whole (the rename of save_checkpoint), so one
+    holding a manifest but no checkpoint.json was damaged afterwards: it is listed, for `verified`
+    to refuse it by name, rather than skipped for an older checkpoint without a word.
+    """
     folder = Path(folder)
-    found = [p for p in folder.glob("step-*") if NAME.match(p.name) and (p / INFO).is_file()] if folder.is_dir() else []
+    found = [p for p in folder.glob("step-*") if NAME.match(p.name) and ((p / INFO).is_file() or (p / MANIFEST).is_file())
+             ] if folder.is_dir() else []
     return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
 
 
