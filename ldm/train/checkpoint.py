@@ -249,7 +249,7 @@ def start_or_resume(accelerator, checkpoint: Optional[Path], resume: Optional[st
     if checkpoint is not None:
         changes = check_changes(checkpoint, cfg, cfg.train.allow_changed) if cfg is not None else []
         state = load_checkpoint(accelerator, checkpoint, batches_per_epoch, ema)
-        apply_changes(accelerator, changes, state.step, Path(folder).parent)
+        apply_changes(accelerator, changes, state.step, Path(folder).parent, cfg)
         if ema is not None:
             ema.to(accelerator.device)  # the EMA's weights are loaded onto the CPU
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")

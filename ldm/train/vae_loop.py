@@ -31,6 +31,7 @@ from ldm.train.checkpoint import find_checkpoint
 from ldm.train.ema import build_ema
 from ldm.train.loader import EpochShuffle, train_loader
 from ldm.train.loop import Step, Update, training_loop
+from ldm.train.changes import DISCRIMINATOR, check_changes
 from ldm.train.optim import build_lr_scheduler, build_optimizer
 from ldm.train.run import Run, check_train_config, make_accelerator, replace_folder, staging_folder
 from ldm.vae_loss import check_loss_config, discriminator_loss, vae_loss
@@ -72,6 +73,7 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
     run = Run(cfg.train.output_dir)
     checkpoint = find_checkpoint(run.checkpoints, resume)
     if checkpoint is not None:
+        check_changes(checkpoint, cfg, cfg.train.allow_changed)  # a changed setting named with both values, first
         check_checkpoint_parts(checkpoint, cfg.loss.discriminator_start is not None, cfg.ema.enabled)
     train_set = build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "validation") if cfg.data.num_validation > 0 else None
@@ -91,7 +93,8 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
     if cfg.loss.discriminator_start is not None:  # drawn after the VAE, whose weights so stay the same without it
         disc = NLayerDiscriminator(cfg.model.out_channels, cfg.loss.discriminator_channels, cfg.loss.discriminator_layers)
         disc_train = discriminator_train_config(cfg)
-        disc_optimizer = build_optimizer(disc.parameters(), disc_train)
+        # Named, so that a resume with loss.discriminator_learning_rate changed finds its rate (changes.py).
+        disc_optimizer = build_optimizer([{"params": list(disc.parameters()), "name": DISCRIMINATOR}], disc_train)
         disc_lr_scheduler = build_lr_scheduler(disc_optimizer, disc_train, accelerator.num_processes)
         model, disc, optimizer, disc_optimizer, loader, lr_scheduler, disc_lr_scheduler = accelerator.prepare(
             model, disc, optimizer, disc_optimizer, loader, lr_scheduler, disc_lr_scheduler
