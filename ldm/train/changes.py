@@ -64,6 +64,14 @@ def changed_keys(saved: Dict[str, object], now: Dict[str, object]) -> List[Tuple
             if saved.get(k, "<absent>") != now.get(k, "<absent>")]
 
 
+def both_values(checkpoint: Path, cfg, key: str) -> str:
+    """"; KEY: saved -> now" for a message about one changed key ("" when the checkpoint holds no config)."""
+    saved_file = Path(checkpoint) / CONFIG
+    if cfg is None or not saved_file.is_file():
+        return ""
+    return f"; {key}: {flat(OmegaConf.load(saved_file)).get(key, '<absent>')!r} -> {flat(cfg).get(key, '<absent>')!r}"
+
+
 def check_changes(checkpoint: Path, cfg, allowed) -> List[Tuple[str, object, object]]:
     """The deliberate changes to apply, after refusing breaking ones and deliberate ones not allowed (one line)."""
     saved_file = Path(checkpoint) / CONFIG

@@ -31,7 +31,7 @@ from ldm.train.checkpoint import find_checkpoint
 from ldm.train.ema import build_ema
 from ldm.train.loader import EpochShuffle, train_loader
 from ldm.train.loop import Step, Update, training_loop
-from ldm.train.changes import DISCRIMINATOR, check_changes
+from ldm.train.changes import DISCRIMINATOR, both_values
 from ldm.train.optim import build_lr_scheduler, build_optimizer
 from ldm.train.run import Run, check_train_config, make_accelerator, replace_folder, staging_folder
 from ldm.vae_loss import check_loss_config, discriminator_loss, vae_loss
@@ -73,8 +73,7 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
     run = Run(cfg.train.output_dir)
     checkpoint = find_checkpoint(run.checkpoints, resume)
     if checkpoint is not None:
-        check_changes(checkpoint, cfg, cfg.train.allow_changed)  # a changed setting named with both values, first
-        check_checkpoint_parts(checkpoint, cfg.loss.discriminator_start is not None, cfg.ema.enabled)
+        check_checkpoint_parts(checkpoint, cfg.loss.discriminator_start is not None, cfg.ema.enabled, cfg)
     train_set = build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "validation") if cfg.data.num_validation > 0 else None
     accelerator = make_accelerator(cfg.train, run)
@@ -197,7 +196,7 @@ def discriminator_train_config(cfg):
     )
 
 
-def check_checkpoint_parts(checkpoint: Path, discriminator: bool, ema: bool) -> None:
+def check_checkpoint_parts(checkpoint: Path, discriminator: bool, ema: bool, cfg=None) -> None:
     """A checkpoint holds a discriminator and an EMA exactly when this run has them."""
     for has, what, file, setting in (
         (discriminator, "a discriminator", "optimizer_1.bin", "loss.discriminator_start"),
@@ -207,7 +206,8 @@ def check_checkpoint_parts(checkpoint: Path, discriminator: bool, ema: bool) -> 
         if saved != has:
             raise LdmError(
                 f"{checkpoint} was saved {'with' if saved else 'without'} {what} and this run has "
-                f"{'one' if has else 'none'}: set {setting} as in that run (see its config.yaml)"
+                f"{'one' if has else 'none'}: set {setting} as in that run (see its config.yaml"
+                f"{both_values(checkpoint, cfg, setting)})"
             )
 
 
