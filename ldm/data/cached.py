@@ -27,6 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ldm.cache import INDEX
 from ldm.codec import LatentCodec, posterior_sample
+from ldm.readable import reading
 from ldm.text_encoder import encode_text, tokenize
 
 
@@ -51,8 +52,10 @@ class CachedLatents(Dataset):
 
     def shard(self, s: int):
         if s not in self._open:
-            handle = safe_open(str(self.folder / self.shards[s]["file"]), "pt")
-            self._open[s] = handle, json.loads(handle.metadata()["captions"])
+            path = self.folder / self.shards[s]["file"]
+            with reading(path, "an ldm-cache shard (safetensors with captions)", "run ldm-cache again"):
+                handle = safe_open(str(path), "pt")
+                self._open[s] = handle, json.loads(handle.metadata()["captions"])
         return self._open[s]
 
     def __getitem__(self, index: int) -> dict:
@@ -106,7 +109,10 @@ class Cached:
     def __init__(self, folder, index: dict, flips: bool, encoded: Encoded, device):
         self.flips, self.encoded, self.dtype = flips, encoded, encoded.dtype
         empty = index["empty_context"]
-        self.empty_context = load_file(str(Path(folder) / empty))["context"].to(device, self.dtype) if empty else None
+        self.empty_context = None
+        if empty:
+            with reading(Path(folder) / empty, "an ldm-cache file (safetensors)", "run ldm-cache again"):
+                self.empty_context = load_file(str(Path(folder) / empty))["context"].to(device, self.dtype)
 
     def pick_flips(self, batch) -> dict:
         """The batch with one coin per example choosing its mirror image: the posterior and the control alike.

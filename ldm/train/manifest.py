@@ -105,6 +105,10 @@ def format_problem(path: Path) -> "str | None":
                 list(f.keys())
         elif path.suffix == ".json":
             json.loads(path.read_text())
+        elif path.suffix == ".yaml":  # the run's config (changes.py): plain YAML, no tags that build objects
+            import yaml
+
+            yaml.safe_load(path.read_text())
         elif path.suffix in TORCH_FILES:
             from accelerate.utils import load  # torch.load with weights_only=True and accelerate's safe globals
 

@@ -185,8 +185,8 @@ def digest_tree(folder: Path, suffix=".safetensors") -> dict:
 
 
 def one_line(code: int, err: str):
-    """(held, the line): exit 2 and exactly one `error: ` line without a traceback."""
-    lines = err.strip().splitlines()
+    """(held, the line): exit 2 and exactly one `error: ` line without a traceback (progress bars aside)."""
+    lines = [line for line in err.strip().replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
     held = code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
     return held, (lines[0] if len(lines) == 1 else " / ".join(lines[-3:]))
 
