@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL
 from ldm.codec import LatentCodec
 from ldm.errors import LdmError
 from ldm.finite import check_finite_module, check_finite_number
+from ldm.readable import reading
 
 
 def build_vae(cfg, sample_size: int) -> AutoencoderKL:
@@ -85,7 +86,8 @@ def load_vae(path) -> AutoencoderKL:
     config = path / "config.json"
     if not config.is_file():
         raise LdmError(f"no VAE at {path}: expected a diffusers AutoencoderKL folder with config.json (train one with train_vae.py)")
-    values = json.loads(config.read_text())
+    with reading(config, "a diffusers config.json (JSON text)"):
+        values = json.loads(config.read_text())
     if "scaling_factor" not in values:
         raise LdmError(
             f"the VAE at {path} has no latent scaling_factor in config.json: "
@@ -95,6 +97,7 @@ def load_vae(path) -> AutoencoderKL:
     for key in ("scaling_factor", "latents_mean", "latents_std"):
         if values.get(key) is not None:
             check_finite_number(values[key], f"the VAE at {path}: {key} in config.json", fix)
-    vae = AutoencoderKL.from_pretrained(str(path))
+    with reading(path, "a loadable AutoencoderKL folder (its weights or config file is damaged)", "train or save it again"):
+        vae = AutoencoderKL.from_pretrained(str(path))
     check_finite_module(vae, f"the VAE at {path}", fix)
     return vae

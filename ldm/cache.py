@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ldm.codec import LatentCodec
 from ldm.errors import LdmError
+from ldm.readable import reading
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,10 @@ def check_cache(cfg, vae) -> dict:
     rerun = f"re-run ldm-cache with this config (ldm-cache --config ... --out {folder})"
     if not (folder / INDEX).is_file():
         raise LdmError(f"data.cache={folder} holds no finished cache (no {INDEX}): {rerun}")
-    index = json.loads((folder / INDEX).read_text())
-    cached, wanted = dict(index["config"]), cache_config(cfg, vae)
+    with reading(folder / INDEX, "an ldm-cache index (JSON)", rerun):
+        index = json.loads((folder / INDEX).read_text())
+        cached = dict(index["config"])
+    wanted = cache_config(cfg, vae)
     if cached.get("format_version") != FORMAT_VERSION:
         raise LdmError(f"data.cache={folder} is format {cached.get('format_version')}, this ldm reads {FORMAT_VERSION}: {rerun}")
     if wanted["random_flip"] and not cached["random_flip"]:
@@ -158,6 +161,11 @@ def check_cache(cfg, vae) -> dict:
     if found:
         key, was, now = found
         raise LdmError(f"data.cache={folder} does not match this config: {key} is {short(was)} in the cache, {short(now)} now: {rerun}")
+    for shard in index["shards"]:  # each shard's header and captions, before training starts (not mid-epoch)
+        path = folder / shard["file"]
+        with reading(path, "an ldm-cache shard (safetensors with captions)", rerun):
+            with safe_open(str(path), "pt") as f:
+                json.loads(f.metadata()["captions"])
     return index
 
 

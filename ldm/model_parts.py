@@ -26,6 +26,8 @@ def _read_json(file: Path) -> dict:
         return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LdmError(f"{file} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    except UnicodeDecodeError as e:  # e.g. a binary file (a pickle) in place of the JSON
+        raise LdmError(f"{file} is not valid JSON (not UTF-8 text: byte 0x{e.object[e.start]:02x} at {e.start})") from None
 
 
 def check_model_folder(path, given=()) -> None:

@@ -41,6 +41,7 @@ from ldm.codec import LatentCodec, unscale_latents  # noqa: F401 (unscale_latent
 from ldm.errors import LdmError
 from ldm.finite import check_finite_module, check_finite_number
 from ldm.lora import LoraLoading
+from ldm.readable import reading
 from ldm.model_parts import COMPONENTS, check_components, check_folder_parts_agree, check_model_folder  # noqa: F401
 from ldm.sampling import sample_cfg, set_schedule
 from ldm.text_encoder import OpenCLIPTextModel, encode_text, tokenize
@@ -106,7 +107,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, LoraLoading):
         given = [k for k in COMPONENTS if k in kwargs]
         check_model_folder(pretrained_model_name_or_path, given)
         check_folder_parts_agree(pretrained_model_name_or_path, given)  # configs only: before any weights load
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        with reading(pretrained_model_name_or_path, "a loadable model folder (a part's weights or config file is damaged)",
+                     "save the model again with save_pretrained"):
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         check_finite_pipeline(pipe, pretrained_model_name_or_path)
         return pipe
 

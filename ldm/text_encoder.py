@@ -101,13 +101,18 @@ def load_open_clip_weights(model: OpenCLIPTextModel, path: str) -> None:
     """Load the text tower out of a local open_clip checkpoint (a whole CLIP or a tower)."""
     if not Path(path).is_file():
         raise LdmError(f"text encoder weights not found: {path} (set text_encoder.weights to a local file)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+    except Exception as e:  # noqa: BLE001 - not a weights file (or a pickle that would run code): one line
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise LdmError(f"text_encoder.weights: {path} is not a readable weights file ({type(e).__name__}: {reason}); "
+                       "only plain tensors are loaded (safetensors, or a weights-only torch file)") from None
     wanted = model.text.state_dict().keys()
     # Whole CLIP models keep the text tower at the top level, CustomTextCLIP under "text.".
     tower = {}

@@ -30,6 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ldm.cache import INDEX
 from ldm.codec import LatentCodec, posterior_sample
+from ldm.readable import reading
 from ldm.text_encoder import encode_text, tokenize
 
 
@@ -59,10 +60,12 @@ class CachedLatents(Dataset):
 
     def shard(self, s: int):
         if s not in self._open:
-            handle = safe_open(str(self.folder / self.shards[s]["file"]), "pt")
-            metadata = handle.metadata()
-            rows = json.loads(metadata.get("rows", "[]")) or None  # None: one tensor per key, in sample order
-            self._open[s] = handle, json.loads(metadata["captions"]), rows, json.loads(metadata.get("records", "[]"))
+            path = self.folder / self.shards[s]["file"]
+            with reading(path, "an ldm-cache shard (safetensors with captions)", "run ldm-cache again"):
+                handle = safe_open(str(path), "pt")
+                metadata = handle.metadata()
+                rows = json.loads(metadata.get("rows", "[]")) or None  # None: one tensor per key, in sample order
+                self._open[s] = handle, json.loads(metadata["captions"]), rows, json.loads(metadata.get("records", "[]"))
         return self._open[s]
 
     def __getitem__(self, index: int) -> dict:
@@ -122,7 +125,10 @@ class Cached:
     def __init__(self, folder, index: dict, flips: bool, encoded: Encoded, device):
         self.flips, self.encoded, self.dtype = flips, encoded, encoded.dtype
         empty = index["empty_context"]
-        self.empty_context = load_file(str(Path(folder) / empty))["context"].to(device, self.dtype) if empty else None
+        self.empty_context = None
+        if empty:
+            with reading(Path(folder) / empty, "an ldm-cache file (safetensors)", "run ldm-cache again"):
+                self.empty_context = load_file(str(Path(folder) / empty))["context"].to(device, self.dtype)
 
     def pick_flips(self, batch) -> dict:
         """The batch with one coin per example choosing its mirror image: the posterior and the control alike.

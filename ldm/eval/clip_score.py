@@ -12,6 +12,7 @@ then the mean is clamped at 0). Two kinds of local CLIP:
   `encode_text`, with open_clip's own preprocessing and tokenizer.
 """
 
+import pickle
 from typing import Callable, List, Optional
 
 import torch
@@ -137,7 +138,7 @@ def load_hf_clip(folder, setting: str = CLI_SETTINGS["folder"], device="cpu") ->
     try:
         model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
         processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - also a damaged weights file (SafetensorError), a refused pickle
         raise LdmError(f"{setting}: cannot load a transformers CLIP from {folder} ({str(e).splitlines()[0][:160]}); {WHERE_HF_CLIP}") from None
     return TorchmetricsClipScore(model.to(device).eval(), processor)
 
@@ -151,7 +152,7 @@ def load_open_clip(name: str, weights, setting: str = CLI_SETTINGS["weights"], d
         raise LdmError(f"{name_setting}: open_clip has no model named '{name}' (e.g. ViT-B-32, ViT-H-14; see open_clip.list_models())")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path), device=device)
-    except (RuntimeError, KeyError, ValueError) as e:
+    except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:  # a pickle that would run code: refused
         raise LdmError(f"{setting}: {path} does not hold open_clip {name} weights ({str(e).splitlines()[0][:160]})") from None
     tokenizer = open_clip.get_tokenizer(name)
     return FormulaClipScore(*open_clip_encoders(model, preprocess, tokenizer, device))

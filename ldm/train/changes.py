@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from ldm.errors import LdmError
 
 CONFIG = "config.yaml"
+DISCRIMINATOR = "discriminator"  # the name of the discriminator's param group (vae_loop.py)
 CHANGES = "changes.jsonl"
 HARMLESS = (
     "train.max_steps", "train.max_minutes", "train.log_every", "train.checkpoint_every",
@@ -73,6 +74,14 @@ def defaults_of(cfg) -> Dict[str, object]:
         return {}
 
 
+def both_values(checkpoint: Path, cfg, key: str) -> str:
+    """"; KEY: saved -> now" for a message about one changed key ("" when the checkpoint holds no config)."""
+    saved_file = Path(checkpoint) / CONFIG
+    if cfg is None or not saved_file.is_file():
+        return ""
+    return f"; {key}: {flat(OmegaConf.load(saved_file)).get(key, '<absent>')!r} -> {flat(cfg).get(key, '<absent>')!r}"
+
+
 def check_changes(checkpoint: Path, cfg, allowed) -> List[Tuple[str, object, object]]:
     """The deliberate changes to apply, after refusing breaking ones and deliberate ones not allowed (one line)."""
     saved_file = Path(checkpoint) / CONFIG
@@ -98,26 +107,46 @@ def check_changes(checkpoint: Path, cfg, allowed) -> List[Tuple[str, object, obj
     return changes
 
 
-def apply_changes(accelerator, changes, step: int, run_dir: Path) -> None:
+def apply_changes(accelerator, changes, step: int, run_dir: Path, cfg=None) -> None:
     """Make the allowed changes real and record them in run_dir/changes.jsonl.
 
-    A new learning rate: the checkpoint restored the old base rates into every schedule; each
-    schedule whose base rate was the old value gets the new one, and its optimizer the rate the
-    schedule gives at this step. The other deliberate keys take effect from the config itself
-    (batch size, accumulation, clipping, warm-up length are read as the run goes on).
+    The checkpoint restored the old settings into the optimizers (learning rate, weight decay:
+    param_groups) and the schedules (base rates), so these are rewritten here:
+    - a new learning rate: each schedule whose base rate was the old value gets the new one;
+      loss.discriminator_learning_rate: the discriminator's (its param group is named
+      DISCRIMINATOR), set to the rate it now follows (train.learning_rate when unset);
+    - a new weight decay: every param group that had the old one;
+    - then every optimizer gets the rate its schedule gives at this step, so a new warm-up
+      length (read by the schedule from the config) counts from this step on too.
+    Batch size, accumulation and clipping take effect from the config itself (read as the run goes on).
     """
-    for key, old, new in changes:
-        if key == "train.learning_rate":
-            for wrapped in accelerator._schedulers:
-                scheduler = getattr(wrapped, "scheduler", wrapped)
-                scheduler.base_lrs = [new if base == old else base for base in scheduler.base_lrs]
-                lambdas = getattr(scheduler, "lr_lambdas", None)
-                for i, group in enumerate(scheduler.optimizer.param_groups):
-                    if group.get("initial_lr") == old:
-                        group["initial_lr"] = new
-                    factor = lambdas[i](scheduler.last_epoch) if lambdas else 1.0
-                    group["lr"] = scheduler.base_lrs[i] * factor
-                scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+    if not changes:
+        return
+    keys = {key: (old, new) for key, old, new in changes}
+    disc_rate = None
+    if "loss.discriminator_learning_rate" in keys and cfg is not None:
+        disc_rate = cfg.loss.discriminator_learning_rate or cfg.train.learning_rate
+    for wrapped in accelerator._schedulers:
+        scheduler = getattr(wrapped, "scheduler", wrapped)
+        groups = scheduler.optimizer.param_groups
+        if "train.learning_rate" in keys:
+            old, new = keys["train.learning_rate"]
+            scheduler.base_lrs = [new if base == old else base for base in scheduler.base_lrs]
+        if disc_rate is not None:
+            scheduler.base_lrs = [disc_rate if g.get("name") == DISCRIMINATOR else base
+                                  for g, base in zip(groups, scheduler.base_lrs)]
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        for i, group in enumerate(groups):
+            group["initial_lr"] = scheduler.base_lrs[i]
+            factor = lambdas[i](scheduler.last_epoch) if lambdas else 1.0
+            group["lr"] = scheduler.base_lrs[i] * factor
+        scheduler._last_lr = [g["lr"] for g in groups]
+    if "train.adam_weight_decay" in keys:
+        old, new = keys["train.adam_weight_decay"]
+        for optimizer in accelerator._optimizers:
+            for group in optimizer.param_groups:
+                if group["weight_decay"] == old:
+                    group["weight_decay"] = new
     if accelerator.is_main_process and changes:
         with open(Path(run_dir) / CHANGES, "a") as f:
             for key, old, new in changes:

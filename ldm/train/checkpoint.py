@@ -33,7 +33,7 @@ from ldm.finite import check_finite_ema, check_finite_module
 from ldm.train.changes import CONFIG, apply_changes, check_changes
 from ldm.train.disk import check_free_space, writing
 from ldm.train.fsdp import gathered_shadow, is_fsdp, like
-from ldm.train.manifest import problem_of, write_manifest
+from ldm.train.manifest import MANIFEST, problem_of, write_manifest
 from ldm.train.run import replace_folder, staging_folder
 
 INFO = "checkpoint.json"
@@ -48,9 +48,15 @@ class TrainState:
 
 
 def complete_checkpoints(folder) -> List[Path]:
-    """The complete checkpoints in `folder`, oldest first."""
+    """The complete checkpoints in `folder`, oldest first.
+
+    A step-N folder gets its name only once written whole (the rename of save_checkpoint), so one
+    holding a manifest but no checkpoint.json was damaged afterwards: it is listed, for `verified`
+    to refuse it by name, rather than skipped for an older checkpoint without a word.
+    """
     folder = Path(folder)
-    found = [p for p in folder.glob("step-*") if NAME.match(p.name) and (p / INFO).is_file()] if folder.is_dir() else []
+    found = [p for p in folder.glob("step-*") if NAME.match(p.name) and ((p / INFO).is_file() or (p / MANIFEST).is_file())
+             ] if folder.is_dir() else []
     return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
 
 
@@ -255,7 +261,7 @@ def start_or_resume(accelerator, checkpoint: Optional[Path], resume: Optional[st
     if checkpoint is not None:
         changes = check_changes(checkpoint, cfg, cfg.train.allow_changed) if cfg is not None else []
         state = load_checkpoint(accelerator, checkpoint, batches_per_epoch, ema)
-        apply_changes(accelerator, changes, state.step, Path(folder).parent)
+        apply_changes(accelerator, changes, state.step, Path(folder).parent, cfg)
         if ema is not None:
             ema.to(accelerator.device)  # the EMA's weights are loaded onto the CPU
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")

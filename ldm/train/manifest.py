@@ -133,6 +133,10 @@ def format_problem(path: Path) -> "str | None":
             json.loads(path.read_text())
         elif path.name == DCP_METADATA:
             DcpMetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        elif path.suffix == ".yaml":  # the run's config (changes.py): plain YAML, no tags that build objects
+            import yaml
+
+            yaml.safe_load(path.read_text())
         elif path.suffix in TORCH_FILES:
             from accelerate.utils import load  # torch.load with weights_only=True and accelerate's safe globals
 

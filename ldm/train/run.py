@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ldm.config import save_config
 from ldm.errors import LdmError
+from ldm.readable import reading
 from ldm.train.disk import writing
 from ldm.train.distributed import check_distributed_type, fill_micro_batch  # noqa: F401 - re-exported
 from ldm.train.fsdp import fsdp_on_cpu
@@ -109,7 +110,8 @@ class Reporter:
         self.accelerator, self.path, self.unit = accelerator, run.metrics, unit
         if accelerator.is_main_process and self.path.exists():
             # A resumed run redoes the steps after its checkpoint: drop their old records.
-            records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            with reading(self.path, "the run's JSON-lines log", "move it away to resume (it is only a log)"):
+                records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             kept = [r for r in records if r.get("step", 0) <= start_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.bar = tqdm(

@@ -35,6 +35,7 @@ from ldm.train.checkpoint import find_checkpoint
 from ldm.train.ema import build_ema
 from ldm.train.loader import EpochShuffle, item_buckets, train_loader
 from ldm.train.loop import Step, Update, training_loop
+from ldm.train.changes import DISCRIMINATOR, both_values
 from ldm.train.optim import build_lr_scheduler, build_optimizer
 from ldm.train.run import Run, check_train_config, make_accelerator, replace_folder, staging_folder
 from ldm.vae_loss import check_loss_config, discriminator_loss, vae_loss
@@ -76,7 +77,7 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
     run = Run(cfg.train.output_dir)
     checkpoint = find_checkpoint(run.checkpoints, resume)
     if checkpoint is not None:
-        check_checkpoint_parts(checkpoint, cfg.loss.discriminator_start is not None, cfg.ema.enabled)
+        check_checkpoint_parts(checkpoint, cfg.loss.discriminator_start is not None, cfg.ema.enabled, cfg)
     # data.buckets: bucket sides are multiples of the VAE's factor (or of the step set, checked against it).
     data = with_bucket_step(cfg.data, downsampling_factor(cfg.model.block_out_channels), "the VAE's downsampling factor")
     train_set = build_dataset(data, "train")
@@ -102,7 +103,8 @@ def train_vae(cfg, resume: Optional[str] = None) -> Path:
     if cfg.loss.discriminator_start is not None:  # drawn after the VAE, whose weights so stay the same without it
         disc = NLayerDiscriminator(cfg.model.out_channels, cfg.loss.discriminator_channels, cfg.loss.discriminator_layers)
         disc_train = discriminator_train_config(cfg)
-        disc_optimizer = build_optimizer(disc.parameters(), disc_train)
+        # Named, so that a resume with loss.discriminator_learning_rate changed finds its rate (changes.py).
+        disc_optimizer = build_optimizer([{"params": list(disc.parameters()), "name": DISCRIMINATOR}], disc_train)
         disc_lr_scheduler = build_lr_scheduler(disc_optimizer, disc_train, accelerator.num_processes)
         model, disc, optimizer, disc_optimizer, loader, lr_scheduler, disc_lr_scheduler = accelerator.prepare(
             model, disc, optimizer, disc_optimizer, loader, lr_scheduler, disc_lr_scheduler
@@ -204,7 +206,7 @@ def discriminator_train_config(cfg):
     )
 
 
-def check_checkpoint_parts(checkpoint: Path, discriminator: bool, ema: bool) -> None:
+def check_checkpoint_parts(checkpoint: Path, discriminator: bool, ema: bool, cfg=None) -> None:
     """A checkpoint holds a discriminator and an EMA exactly when this run has them."""
     for has, what, file, setting in (
         (discriminator, "a discriminator", "optimizer_1.bin", "loss.discriminator_start"),
@@ -214,7 +216,8 @@ def check_checkpoint_parts(checkpoint: Path, discriminator: bool, ema: bool) -> 
         if saved != has:
             raise LdmError(
                 f"{checkpoint} was saved {'with' if saved else 'without'} {what} and this run has "
-                f"{'one' if has else 'none'}: set {setting} as in that run (see its config.yaml)"
+                f"{'one' if has else 'none'}: set {setting} as in that run (see its config.yaml"
+                f"{both_values(checkpoint, cfg, setting)})"
             )
 
 
