@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 import ldm.train.control_loop as control_loop
 import ldm.train.unet_loop as unet_loop
-from ldm.train.checkpoint import complete_checkpoints
+from two_rank_runs import straight_then_resumed
 
 models, finals = [], []
 
@@ -71,22 +71,12 @@ def run(folder: Path, stage: str, argv) -> None:
         from ldm.cli.train_unet import main
     else:
         from ldm.cli.train_control import main
-    if main(argv) != 0:
-        raise SystemExit(2)
-    rank = report(folder, "straight")
-    dist.barrier()
-    if rank == 0:
-        final = finals[-1]
-        newest = complete_checkpoints(final.parent / "checkpoints")[-1]
+
+    def keep(final, newest):  # what test_fsdp.py compares with the resumed run
         shutil.copy(newest / "ema.safetensors", folder / "straight-ema.safetensors")
         shutil.copytree(final, folder / "straight-final")
-        shutil.rmtree(newest)
-        shutil.rmtree(final)
-    dist.barrier()
-    if main([*argv, "--resume", "auto"]) != 0:
-        raise SystemExit(2)
-    report(folder, "resumed")
-    dist.destroy_process_group()
+
+    straight_then_resumed(main, argv, lambda phase: report(folder, phase), finals, keep)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ of its U-Net, in REPORT_DIR/{phase}-rank{R}.json / .safetensors.
 """
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 import ldm.train.loop as loop
 import ldm.train.unet_loop as unet_loop
 from ldm.cli.train_unet import main
-from ldm.train.checkpoint import complete_checkpoints
+from two_rank_runs import straight_then_resumed
 
 seen, unets, finals = [], [], []
 batches_from = loop.batches_from
@@ -48,18 +47,7 @@ def report(folder: Path, phase: str) -> int:
 
 
 def run(folder: Path, argv) -> None:
-    if main(argv) != 0:
-        raise SystemExit(2)
-    rank = report(folder, "straight")
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(complete_checkpoints(finals[-1].parent / "checkpoints")[-1])
-        shutil.rmtree(finals[-1])
-    dist.barrier()
-    if main([*argv, "--resume", "auto"]) != 0:
-        raise SystemExit(2)
-    report(folder, "resumed")
-    dist.destroy_process_group()
+    straight_then_resumed(main, argv, lambda phase: report(folder, phase), finals)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ launch for the resume would cost another ~20 s of imports on a 2-core machine.
 """
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import ldm.train.unet_loop as unet_loop
 from ldm.eval.validation_loss import ValidationLoss
 from ldm.cli.train_unet import main
 from ldm.data.shapes import ShapesDataset
-from ldm.train.checkpoint import complete_checkpoints
+from two_rank_runs import straight_then_resumed
 
 seen, unets, final_writes, groups, finals, held_out = [], [], [], [], [], []
 validating = []  # non-empty while the validation loss runs: its loads go to held_out, not seen
@@ -85,19 +84,7 @@ def report(folder: Path, phase: str) -> int:
 
 
 def run(folder: Path, argv) -> None:
-    if main(argv) != 0:
-        raise SystemExit(2)
-    rank = report(folder, "straight")
-    dist.barrier()
-    if rank == 0:
-        final = finals[-1]
-        shutil.rmtree(complete_checkpoints(final.parent / "checkpoints")[-1])
-        shutil.rmtree(final)
-    dist.barrier()
-    if main([*argv, "--resume", "auto"]) != 0:
-        raise SystemExit(2)
-    report(folder, "resumed")
-    dist.destroy_process_group()
+    straight_then_resumed(main, argv, lambda phase: report(folder, phase), finals)
 
 
 if __name__ == "__main__":
