@@ -8,6 +8,10 @@ adapters are saved in diffusers' LoRA format (`get_peft_model_state_dict` ->
 `convert_state_dict_to_diffusers` -> `save_lora_weights`, with the LoraConfig in the file's
 metadata so that alpha survives), which `pipe.load_lora_weights(DIR)` reads in diffusers'
 StableDiffusionPipeline and in ours (`LoraLoading`).
+
+transformers' `add_adapter` refuses a peft older than its minimum (transformers 5.24: 0.22);
+there a text encoder's adapters are injected with peft itself (`inject_lora`). Loading needs no
+such detour: transformers' `load_adapter`, which diffusers' loader calls, does not check the version.
 """
 
 from pathlib import Path
@@ -32,12 +36,6 @@ def check_lora_config(cfg, text_encoder=None) -> None:
         raise LdmError("lora.target_modules is empty: name the U-Net layers to adapt, e.g. [to_k,to_q,to_v,to_out.0]")
     if cfg.text_encoder and not cfg.text_encoder_target_modules:
         raise LdmError("lora.text_encoder_target_modules is empty: e.g. [q_proj,k_proj,v_proj,out_proj]")
-    if cfg.text_encoder and not text_encoder_lora_available():
-        raise LdmError(
-            f"lora.text_encoder=true needs peft>={transformers_min_peft()} with this transformers (diffusers loads "
-            f"text-encoder LoRA through transformers' peft integration), peft is {peft_version()}: "
-            "upgrade peft, or set lora.text_encoder=false"
-        )
     if cfg.text_encoder and text_encoder is not None and not is_transformers_model(text_encoder):
         raise LdmError(
             f"lora.text_encoder=true needs a transformers CLIPTextModel (as in Stable Diffusion folders), this text encoder "
@@ -62,6 +60,8 @@ def transformers_min_peft() -> str:
 
 
 def text_encoder_lora_available() -> bool:
+    """Whether transformers' `add_adapter` accepts this peft; where not, `add_lora` injects a
+    text encoder's adapters with peft directly (`inject_lora`)."""
     from packaging.version import Version
 
     return Version(peft_version()) >= Version(transformers_min_peft())
@@ -83,11 +83,36 @@ def lora_config(cfg, target_modules):
     )
 
 
+def inject_lora(model, config, adapter_name: str = "default") -> None:
+    """Adapters into a transformers model with peft itself, as `PreTrainedModel.add_adapter` does it.
+
+    transformers' `add_adapter` refuses a peft older than its minimum (`text_encoder_lora_available`);
+    peft's `inject_adapter_in_model` does not need it. The config is recorded on the model as
+    transformers records it (`peft_config`, `_hf_peft_config_loaded`), which is what
+    `get_peft_model_state_dict` (saving) reads.
+    """
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    if not getattr(model, "_hf_peft_config_loaded", False):
+        model.peft_config = {}
+    model.peft_config[adapter_name] = config
+    model._hf_peft_config_loaded = True
+
+
+def _uses_peft_directly(model) -> bool:
+    """A transformers model whose own adapter methods refuse this peft."""
+    return is_transformers_model(model) and not text_encoder_lora_available()
+
+
 def add_lora(model, cfg, target_modules, what: str) -> None:
     """Freeze `model` and inject trainable adapters into its `target_modules` (peft names: suffixes of module paths)."""
     model.requires_grad_(False)
     try:
-        model.add_adapter(lora_config(cfg, target_modules))
+        if _uses_peft_directly(model):
+            inject_lora(model, lora_config(cfg, target_modules))
+        else:
+            model.add_adapter(lora_config(cfg, target_modules))
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise LdmError(
@@ -137,7 +162,7 @@ def check_lora_fits(state_dict: dict, parts: dict, where: str) -> None:
         if prefix not in parts or ".lora" not in rest:
             continue
         path, _, kind = rest.partition(".lora")
-        down = kind.startswith((".down", "_A", "_down", ".A"))
+        down = ".down" in kind or kind.startswith(("_A", "_down", ".A"))  # also text encoders' "lora_linear_layer.down"
         modules = dict(parts[prefix].named_modules())
         if path not in modules:
             raise LdmError(

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from ldm.cli.train_unet import main
 from ldm.config import UNetStageConfig, load_config
 from ldm.errors import LdmError
-from ldm.lora import WEIGHT_NAME, text_encoder_lora_available
+from ldm.lora import WEIGHT_NAME
 from ldm.pipeline import LatentDiffusionPipeline
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -48,11 +48,9 @@ def args(out, init, *extra):
     ]
 
 
-# Text-encoder adapters load through transformers' peft integration, which needs a newer peft than
-# some environments have; there the option must be refused in one line instead (see test_one_line_errors).
-TEXT_LORA = text_encoder_lora_available()
-LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", f"lora.text_encoder={str(TEXT_LORA).lower()}",
-        "train.learning_rate=1e-2"]
+# With the text encoder's adapters: transformers' add_adapter may refuse this peft (then ldm.lora
+# injects them with peft directly); loading goes through diffusers' loader either way.
+LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.text_encoder=true", "train.learning_rate=1e-2"]
 
 
 @pytest.fixture(scope="module")
@@ -76,20 +74,66 @@ def test_lora_folder_loads_in_diffusers_and_ours_with_equal_images(lora_run, sd_
     lora = lora_run / "final/lora"
     assert (lora / WEIGHT_NAME).is_file() and not (lora_run / "final/unet").exists()
     saved = load_file(str(lora / WEIGHT_NAME))
-    assert any(k.startswith("unet.") for k in saved) and any(k.startswith("text_encoder.") for k in saved) == TEXT_LORA
+    assert any(k.startswith("unet.") for k in saved) and any(k.startswith("text_encoder.") for k in saved)
 
     base = images(LatentDiffusionPipeline.from_pretrained(str(sd_dir)))
     theirs, ours = sd_pipe(sd_dir), LatentDiffusionPipeline.from_pretrained(str(sd_dir))
     assert np.abs(images(theirs) - base).max() <= 1e-5  # the same pipeline before the LoRA
     for pipe in (theirs, ours):
         pipe.load_lora_weights(str(lora))
-        config = pipe.unet.peft_config[next(iter(pipe.unet.peft_config))]
-        assert (config.r, config.lora_alpha) == (4, 8)  # alpha came back from the file's metadata
-        if TEXT_LORA:
-            assert pipe.text_encoder.peft_config  # the text encoder's adapters too
+        for part in (pipe.unet, pipe.text_encoder):
+            config = part.peft_config[next(iter(part.peft_config))]
+            assert (config.r, config.lora_alpha) == (4, 8)  # alpha came back from the file's metadata
     with_lora = images(ours)
     assert np.abs(images(theirs) - with_lora).max() <= 1e-5
     assert np.abs(with_lora - base).max() > 1e-3  # the LoRA changes the images
+
+
+def merged_by_hand(sd_dir, lora, scale):
+    """The base pipeline with W + scale (alpha / r) B A written into each adapted layer (float64 sums).
+
+    diffusers' key names: "unet.<layer>.lora.down.weight" (A) / ".lora.up.weight" (B), and
+    "text_encoder.<layer>.lora_linear_layer.down.weight" / ".up.weight".
+    """
+    pipe = LatentDiffusionPipeline.from_pretrained(str(sd_dir))
+    saved = load_file(str(lora / WEIGHT_NAME))
+    for key in [k for k in saved if k.endswith(".down.weight")]:
+        part, _, rest = key.partition(".")
+        layer = getattr(pipe, part).get_submodule(rest.split(".lora")[0])
+        down, up = saved[key].double(), saved[key.replace(".down.weight", ".up.weight")].double()
+        layer.weight.data = (layer.weight.double() + scale * (8 / 4) * up @ down).float()
+    return pipe
+
+
+def test_our_pipeline_loads_the_text_encoder_lora(lora_run, sd_dir):
+    """The folder's U-Net and text-encoder adapters in our pipeline: the images of the base with the adapters
+    merged into its weights by hand, at scale 1 and at set_adapters' 0.5; the base at cross_attention_kwargs 0."""
+    lora = lora_run / "final/lora"
+    pipe = LatentDiffusionPipeline.from_pretrained(str(sd_dir))
+    base = images(pipe)
+    pipe.load_lora_weights(str(lora), adapter_name="mine")
+    config = pipe.text_encoder.peft_config["mine"]
+    assert (config.r, config.lora_alpha) == (4, 8)
+    ids = pipe.tokenizer(PROMPTS, padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():  # the text encoder's adapters change its states (so the images below see them)
+        states = pipe.text_encoder(ids)[0]
+        assert (states - sd_pipe(sd_dir).text_encoder(ids)[0]).abs().max() > 1e-3
+    assert pipe.get_list_adapters() == {"unet": ["mine"], "text_encoder": ["mine"]}
+    with_lora = images(pipe)
+    assert np.abs(with_lora - images(merged_by_hand(sd_dir, lora, 1.0))).max() <= 1e-5
+    assert np.abs(with_lora - base).max() > 1e-3
+    pipe.disable_lora()  # the U-Net's and the text encoder's
+    assert np.abs(images(pipe) - base).max() <= 1e-5
+    pipe.enable_lora()
+    assert np.abs(images(pipe, cross_attention_kwargs={"scale": 0.0}) - base).max() <= 1e-5
+    pipe.set_adapters(["mine"], adapter_weights=[0.5])
+    half = images(pipe)
+    assert np.abs(half - images(merged_by_hand(sd_dir, lora, 0.5))).max() <= 1e-5
+    pipe.set_adapters(["mine"], adapter_weights=[1.0])
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert not getattr(pipe.text_encoder, "peft_config", None) and not getattr(pipe.unet, "peft_config", None)
+    assert np.abs(images(pipe) - with_lora).max() <= 1e-5  # fused into the weights
 
 
 def test_only_the_adapters_train_and_the_lora_holds_their_ema(lora_run, sd_dir):
@@ -108,6 +152,26 @@ def test_only_the_adapters_train_and_the_lora_holds_their_ema(lora_run, sd_dir):
     assert not all(any(torch.equal(a, v) for v in saved) for a in adapters)  # not the raw adapters
 
 
+def test_the_text_encoder_adapters_train_and_save_in_diffusers_format(lora_run, sd_dir):
+    """The text encoder's checkpoint (accelerate's model_1): its base unchanged, its adapters trained; the
+    saved text_encoder.* part is diffusers' convert_state_dict_to_diffusers of those adapters, as diffusers'
+    LoRA training examples write it (the text encoder has no EMA: the raw adapters of the last step)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    raw = load_file(str(lora_run / "checkpoints/step-000003/model_1.safetensors"))
+    base = load_file(str(sd_dir / "text_encoder/model.safetensors"))
+    frozen = {k.replace(".base_layer", ""): v for k, v in raw.items() if "lora_" not in k}
+    assert frozen.keys() == base.keys() and all(torch.equal(frozen[k], base[k]) for k in base)
+    adapters = {k.replace(".default", ""): v for k, v in raw.items() if "lora_" in k}
+    assert len(adapters) == 2 * 4 * 2  # A and B of q, k, v, out_proj in each of the 2 layers
+    assert all(v.abs().max() > 0 for k, v in adapters.items() if "lora_B" in k)  # trained away from B = 0
+    saved = {k.removeprefix("text_encoder."): v for k, v in load_file(str(lora_run / "final/lora" / WEIGHT_NAME)).items()
+             if k.startswith("text_encoder.")}
+    expected = convert_state_dict_to_diffusers(adapters)
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    assert all(k.endswith(("lora_linear_layer.down.weight", "lora_linear_layer.up.weight")) for k in saved)
+
+
 def test_objective_follows_the_folder(lora_run):
     cfg = load_config(UNetStageConfig, str(lora_run / "final/ldm_config.yaml"))
     assert cfg.objective.prediction_type == "v_prediction" and cfg.objective.beta_schedule == "scaled_linear"
@@ -120,12 +184,15 @@ def test_resume_with_lora_is_bit_identical(tmp_path, sd_dir):
     assert main(args(run, sd_dir, *common, "train.checkpoint_every=2")) == 0
     straight = load_file(str(run / "final/lora" / WEIGHT_NAME))
     straight_raw = load_file(str(run / "checkpoints/step-000004/model.safetensors"))
+    straight_text = load_file(str(run / "checkpoints/step-000004/model_1.safetensors"))  # the text encoder's
     shutil.rmtree(run / "checkpoints/step-000004")
     shutil.rmtree(run / "final")
     assert main(args(run, sd_dir, *common, "train.checkpoint_every=1", "--resume", "auto")) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000003", "step-000004"]
     raw = load_file(str(run / "checkpoints/step-000004/model.safetensors"))
     assert all(torch.equal(straight_raw[k], raw[k]) for k in straight_raw)
+    assert all(torch.equal(straight_text[k], v) for k, v in load_file(str(run / "checkpoints/step-000004/model_1.safetensors")).items())
+    assert any(k.startswith("text_encoder.") for k in straight)
     resumed = load_file(str(run / "final/lora" / WEIGHT_NAME))
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
@@ -173,9 +240,7 @@ def test_one_line_errors(tmp_path, capsys, sd_dir, tiny_model_dir):
     assert "prediction_type=sample contradicts" in err and "v_prediction" in err
     assert "init_from" in one_line_error(capsys, args(out, sd_dir, "lora.enabled=true", "init_from=null"))
     err = one_line_error(capsys, args(out, tiny_model_dir, "lora.enabled=true", "lora.text_encoder=true"))
-    assert "OpenCLIPTextModel" in err if TEXT_LORA else "upgrade peft" in err
-    if not TEXT_LORA:
-        assert "upgrade peft" in one_line_error(capsys, args(out, sd_dir, "lora.enabled=true", "lora.text_encoder=true"))
+    assert "OpenCLIPTextModel" in err and "text_encoder.trainable=true" in err
     err = one_line_error(capsys, args(out, sd_dir, "lora.enabled=true", "lora.target_modules=[attn9]"))
     assert "attn9" in err and "to_q" in err
     assert "lora.rank" in one_line_error(capsys, args(out, sd_dir, "lora.enabled=true", "lora.rank=0"))
