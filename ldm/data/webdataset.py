@@ -250,8 +250,7 @@ class ShardStream(IterableDataset):
             except LdmError:  # a sample the data set's config does not fit: no skip mends that
                 raise
             except Exception as e:  # PIL and json raise many kinds on bad bytes
-                self.skipped_keys.append(sample_name(sample))
-                note_skip(self.skip_log, sample_name(sample), f"undecodable sample ({type(e).__name__}: {e})", logger)
+                self.undecodable(sample, e)
                 failures += 1
                 if failures > max(len(self), 10_000):
                     raise LdmError(f"{failures} webdataset samples in a row did not decode (check the shards: {self.my_shards[0]} ...)")
@@ -261,6 +260,11 @@ class ShardStream(IterableDataset):
             for _ in range(pending + ours):
                 yield item
             pending = 0
+
+    def undecodable(self, sample: Dict, error: Exception) -> None:
+        """`sample` did not decode: counted, warned about and named in the run's skipped.jsonl (bucketed or not)."""
+        self.skipped_keys.append(sample_name(sample))
+        note_skip(self.skip_log, sample_name(sample), f"undecodable sample ({type(error).__name__}: {error})", logger)
 
     def bucket_of(self, sample: Dict) -> int:
         try:
@@ -288,8 +292,7 @@ class ShardStream(IterableDataset):
             except LdmError:  # a sample the data set's config does not fit: no skip mends that
                 raise
             except Exception as e:  # PIL and json raise many kinds on bad bytes
-                self.skipped_keys.append(sample_name(sample))
-                logger.warning("skipping undecodable sample %s (%s: %s)", sample_name(sample), type(e).__name__, e)
+                self.undecodable(sample, e)
                 items.append(None)
         good = [item for item in items if item is not None]
         bucket = self.bucket_of(batch[0])

@@ -73,9 +73,11 @@ def test_a_resumed_run_keeps_the_skips_found_before(tmp_path, capfd, record):
                   detail=f"{len(before)} named before the resume, {len(after)} after; {counts}"), (before, after, counts)
 
 
-def test_undecodable_shard_samples_from_workers_are_reported(tmp_path, capfd, record, vae_dir):
+@pytest.mark.parametrize("buckets", [False, True], ids=["square", "bucketed"])
+def test_undecodable_shard_samples_from_workers_are_reported(tmp_path, capfd, record, vae_dir, buckets):
     """Webdataset shards (4 x 5 samples, 2 of them not images) read by 2 DataLoader workers for one
-    epoch of stage 2: both bad samples named in skipped.jsonl and counted at the end."""
+    epoch of stage 2: both bad samples named in skipped.jsonl and counted at the end, with
+    aspect-ratio buckets too (their batches decode in their own path)."""
     from ldm.cli.train_unet import main as train_unet
     from test_train_unet import tiny
     from test_webdataset import write_shards
@@ -85,12 +87,13 @@ def test_undecodable_shard_samples_from_workers_are_reported(tmp_path, capfd, re
     run = tmp_path / "run"
     code = train_unet(tiny(run, vae_dir, "data.source=webdataset", f"data.path={pattern}", "data.num_samples=20",
                            "data.num_validation=0", "data.num_workers=2", "train.max_steps=5",
-                           "validation.every=1000", "validation.prompts=[]"))
+                           "validation.every=1000", "validation.prompts=[]", f"data.buckets.enabled={str(buckets).lower()}"))
     out, _ = capfd.readouterr()
     report = skip_report(run)
     held = (code == 0 and len(report) == 2 and all(any(k in p for p in report) for k in (".tar:0003", ".tar:0014"))
             and "data: 2 samples skipped as undecodable" in out)
-    assert record("R5", "undecodable webdataset samples, 2 DataLoader workers (stage 2)", held,
+    case = "undecodable webdataset samples, 2 DataLoader workers (stage 2" + (", buckets)" if buckets else ")")
+    assert record("R5", case, held,
                   detail=f"exit {code}; named {sorted(p.rsplit('/', 1)[-1] for p in report)}"), (code, report, out[-1500:])
 
 
