@@ -32,16 +32,23 @@ from torch.utils.data import Sampler
 T = TypeVar("T")
 
 
+def split_largest(batches: List[list]) -> bool:
+    """Split the largest batch (the first on ties) in halves, in place; False when every batch is a single item."""
+    i = max(range(len(batches)), key=lambda j: (len(batches[j]), -j))
+    batch = batches[i]
+    if len(batch) < 2:
+        return False
+    half = (len(batch) + 1) // 2
+    batches[i:i + 1] = [batch[:half], batch[half:]]
+    return True
+
+
 def split_to_multiple(batches: List[list], multiple: int) -> List[list]:
     """`batches` with the largest one (the first on ties) split in halves until their number is a multiple of `multiple`."""
     batches = list(batches)
     while len(batches) % multiple:
-        i = max(range(len(batches)), key=lambda j: (len(batches[j]), -j))
-        batch = batches[i]
-        if len(batch) < 2:
+        if not split_largest(batches):
             return batches[:len(batches) - len(batches) % multiple]  # single images only (see the module doc)
-        half = (len(batch) + 1) // 2
-        batches[i:i + 1] = [batch[:half], batch[half:]]
     return batches
 
 
@@ -114,8 +121,6 @@ def stream_batches(items: Iterable[Tuple[Hashable, T]], batch_size: int, num_buc
                 emitted += 1
                 yield held.pop(0)
     rest = held + list(buffers.values())  # dicts keep insertion order: the remainders by their first item
-    while emitted + len(rest) < target:  # cannot fail: see the docstring
-        i = max(range(len(rest)), key=lambda j: (len(rest[j]), -j))
-        half = (len(rest[i]) + 1) // 2
-        rest[i:i + 1] = [rest[i][:half], rest[i][half:]]
+    while emitted + len(rest) < target:  # cannot run out of batches to split: see the docstring
+        split_largest(rest)
     yield from rest
