@@ -8,7 +8,6 @@ pipeline read it (`vae.config.scaling_factor`). `latents_mean` / `latents_std`
 optionally hold a per-channel shift and scale.
 """
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -18,6 +17,7 @@ from diffusers import AutoencoderKL
 from ldm.codec import LatentCodec
 from ldm.errors import LdmError
 from ldm.finite import check_finite_module, check_finite_number
+from ldm.model_parts import read_json
 from ldm.readable import reading
 
 
@@ -86,8 +86,7 @@ def load_vae(path) -> AutoencoderKL:
     config = path / "config.json"
     if not config.is_file():
         raise LdmError(f"no VAE at {path}: expected a diffusers AutoencoderKL folder with config.json (train one with train_vae.py)")
-    with reading(config, "a diffusers config.json (JSON text)"):
-        values = json.loads(config.read_text())
+    values = read_json(config)
     if "scaling_factor" not in values:
         raise LdmError(
             f"the VAE at {path} has no latent scaling_factor in config.json: "

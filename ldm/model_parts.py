@@ -21,7 +21,8 @@ WEIGHTS = ("*.safetensors", "*.bin")  # single files, or shards next to their in
 NO_LIMIT = 10**6  # transformers' "no maximum length" sentinel is ~1e30
 
 
-def _read_json(file: Path) -> dict:
+def read_json(file: Path) -> dict:
+    """A folder's JSON file, or one line naming it when it is not JSON text (a binary file, a pickle)."""
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -41,7 +42,7 @@ def check_model_folder(path, given=()) -> None:
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise LdmError(f"{path} has no model_index.json: is it a model folder saved by save_pretrained?")
-    index = _read_json(index_file)
+    index = read_json(index_file)
     for name in COMPONENTS:
         if name in given:
             continue
@@ -102,7 +103,7 @@ def check_folder_parts_agree(path, given=()) -> None:
 
     def config(name):
         file = path / name / CONFIG_FILES[name]
-        return None if name in given or not file.is_file() else _read_json(file)
+        return None if name in given or not file.is_file() else read_json(file)
 
     tokenizer = config("tokenizer")
     check_parts_agree(
