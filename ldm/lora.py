@@ -59,7 +59,7 @@ def transformers_min_peft() -> str:
     return MIN_PEFT_VERSION
 
 
-def text_encoder_lora_available() -> bool:
+def transformers_accepts_peft() -> bool:
     """Whether transformers' `add_adapter` accepts this peft; where not, `add_lora` injects a
     text encoder's adapters with peft directly (`inject_lora`)."""
     from packaging.version import Version
@@ -86,7 +86,7 @@ def lora_config(cfg, target_modules):
 def inject_lora(model, config, adapter_name: str = "default") -> None:
     """Adapters into a transformers model with peft itself, as `PreTrainedModel.add_adapter` does it.
 
-    transformers' `add_adapter` refuses a peft older than its minimum (`text_encoder_lora_available`);
+    transformers' `add_adapter` refuses a peft older than its minimum (`transformers_accepts_peft`);
     peft's `inject_adapter_in_model` does not need it. The config is recorded on the model as
     transformers records it (`peft_config`, `_hf_peft_config_loaded`), which is what
     `get_peft_model_state_dict` (saving) reads.
@@ -102,7 +102,7 @@ def inject_lora(model, config, adapter_name: str = "default") -> None:
 
 def _uses_peft_directly(model) -> bool:
     """A transformers model whose own adapter methods refuse this peft."""
-    return is_transformers_model(model) and not text_encoder_lora_available()
+    return is_transformers_model(model) and not transformers_accepts_peft()
 
 
 def add_lora(model, cfg, target_modules, what: str) -> None:
